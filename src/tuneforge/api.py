@@ -1,0 +1,21 @@
+"""The Python API under the CLI."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Union
+
+from tuneforge.recipe import Recipe, load_recipe
+
+
+def train(recipe: Union[str, Path, dict, Recipe], overrides: Optional[list[str]] = None, output: Optional[str] = None,
+          resume: bool = False, device: Optional[str] = None, quiet: bool = False) -> dict:
+    """Run a recipe end to end; returns metrics.json's content. The run folder is
+    `output` or runs/<name>-<timestamp>/."""
+    from tuneforge.trainers import get_trainer
+
+    if not isinstance(recipe, Recipe):
+        recipe = load_recipe(recipe, overrides)
+    if recipe.name is None:
+        recipe.name = "run"
+    return get_trainer(recipe.task)(recipe, output=output, resume=resume, device=device, quiet=quiet)

@@ -1,0 +1,136 @@
+"""The `tuneforge` command: a thin layer over the library.
+
+Heavy modules (torch, transformers) are imported inside the commands that need
+them, so `tuneforge --help` answers at once.
+"""
+
+from __future__ import annotations
+
+import sys
+from enum import Enum
+from importlib import resources
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+    help="Fine-tune language models from one YAML recipe: data -> training -> evaluation -> run record.",
+)
+
+EXIT_RECIPE = 2
+EXIT_DATA = 3
+
+
+class Starter(str, Enum):
+    classification = "classification"
+    sft = "sft"
+
+
+class Device(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+    mps = "mps"
+
+
+def _fail(message: str, code: int) -> None:
+    typer.echo(message, err=True)
+    raise typer.Exit(code)
+
+
+@app.command()
+def init(kind: Starter = typer.Argument(..., help="Which starter recipe to print.")) -> None:
+    """Print a commented starter recipe: tuneforge init sft > my-recipe.yaml"""
+    text = resources.files("tuneforge.templates").joinpath(f"{kind.value}.yaml").read_text(encoding="utf-8")
+    typer.echo(text, nl=False)
+
+
+@app.command()
+def models() -> None:
+    """List the model catalogue: name, architecture, parameters, tasks, where its files are."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from tuneforge.catalog import CATALOG
+
+    table = Table(title="tuneforge models (a local HF folder or a hub id works too)")
+    for col in ("name", "architecture", "parameters", "tasks"):
+        table.add_column(col, no_wrap=True)
+    table.add_column("files", overflow="fold")
+    for spec in CATALOG.values():
+        table.add_row(spec.name, spec.architecture, spec.params, ", ".join(spec.tasks), spec.where())
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=200)
+    console.print(table)
+
+
+def _load(recipe: Path, overrides: Optional[List[str]]):
+    from tuneforge.recipe import RecipeError, load_recipe
+
+    try:
+        return load_recipe(recipe, overrides or [])
+    except RecipeError as exc:
+        _fail(exc.render(), EXIT_RECIPE)
+
+
+@app.command()
+def validate(
+    recipe: Path = typer.Argument(..., help="Recipe YAML file."),
+    overrides: Optional[List[str]] = typer.Argument(None, help="Dotted KEY=VALUE overrides."),
+) -> None:
+    """Check a recipe without training; lists every problem at once."""
+    from tuneforge.recipe import dump_recipe
+
+    typer.echo(dump_recipe(_load(recipe, overrides)), nl=False)
+    typer.echo(f"# {recipe}: valid", err=True)
+
+
+@app.command()
+def train(
+    recipe: Path = typer.Argument(..., help="Recipe YAML file."),
+    overrides: Optional[List[str]] = typer.Argument(None, help="Dotted KEY=VALUE overrides, e.g. train.epochs=2."),
+    output: Optional[str] = typer.Option(None, "--output", "-o", help="Run folder (default runs/<name>-<time>/)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the last complete checkpoint of the run."),
+    device: Optional[Device] = typer.Option(None, "--device", help="Override the recipe's device."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Plain log lines instead of a progress bar."),
+) -> None:
+    """Fine-tune, evaluate against the baseline, and write the run folder."""
+    parsed = _load(recipe, overrides)
+    from tuneforge import api
+    from tuneforge.data.load import DataError
+
+    try:
+        api.train(parsed, output=output, resume=resume, device=device.value if device else None, quiet=quiet)
+    except DataError as exc:
+        _fail(f"data error: {exc}", EXIT_DATA)
+    except (FileExistsError, FileNotFoundError) as exc:
+        _fail(f"error: {exc}", 1)
+
+
+class Generator(str, Enum):
+    iso_dates = "iso-dates"
+
+
+@app.command()
+def datagen(
+    name: Generator = typer.Argument(..., help="Which task to generate."),
+    out: Path = typer.Option(..., "--out", help="JSONL file to write."),
+    rows: int = typer.Option(1000, "--rows", min=1, help="How many examples."),
+    seed: int = typer.Option(0, "--seed", help="Random seed (same seed, same file)."),
+) -> None:
+    """Generate a seeded synthetic task (the quickstart uses iso-dates)."""
+    from tuneforge.datagen import GENERATORS, write_jsonl
+
+    write_jsonl(GENERATORS[name.value](rows, seed), out)
+    typer.echo(f"wrote {rows} rows to {out}")
+
+
+def main() -> None:
+    app(prog_name="tuneforge")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,336 @@
+"""The recipe: one typed YAML document that drives a whole run.
+
+Kept free of torch/transformers imports so that validating a recipe (and
+`tuneforge --help`) stays fast.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+
+from tuneforge import catalog
+
+DATA_FORMATS = ("auto", "csv", "tsv", "json", "jsonl", "parquet")
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(Section):
+    train: str = Field(description="Training data file (CSV, TSV, JSON, JSONL or Parquet).")
+    validation: Optional[str] = Field(
+        None, description="Validation file; carved out of train (15%, stratified) when missing."
+    )
+    test: Optional[str] = Field(
+        None, description="Held-out test file; carved out of train (15%, stratified) when missing."
+    )
+    format: Literal["auto", "csv", "tsv", "json", "jsonl", "parquet"] = Field(
+        "auto", description="File format; 'auto' picks it from the file extension."
+    )
+    columns: Optional[list[str]] = Field(
+        None, description="Column names for CSV/TSV files without a header line."
+    )
+    text_column: str = Field("text", description="Classification: column holding the input text.")
+    label_column: str = Field("label", description="Classification: column holding the label.")
+    labels: Optional[list[Union[str, int]]] = Field(
+        None, description="Classification: the allowed labels; rows with others are rejected. "
+        "Default: the labels seen in the training file.",
+    )
+    prompt_column: str = Field("prompt", description="SFT: column holding the prompt (input).")
+    response_column: str = Field("response", description="SFT: column holding the response (output).")
+    prompt_template: Optional[str] = Field(
+        None, description="SFT: build the prompt from several columns, e.g. "
+        "'{instruction}\\n\\n{input}' for Alpaca-shaped data. Overrides prompt_column.",
+    )
+    messages_column: Optional[str] = Field(
+        None, description="SFT: column holding chat messages [{role, content}, ...]; "
+        "when set, prompt/response columns are not used.",
+    )
+    system_prompt: Optional[str] = Field(
+        None, description="SFT: system message put before every prompt/response pair."
+    )
+    split: tuple[float, float, float] = Field(
+        (0.7, 0.15, 0.15), description="train/validation/test fractions used when splits are carved out of train."
+    )
+    dedup: bool = Field(True, description="Drop exact duplicates before splitting so no example sits in two splits.")
+    max_rows: Optional[int] = Field(
+        None, ge=1, description="Use a seeded random subset of at most this many training rows (quick runs)."
+    )
+    on_invalid: Literal["error", "skip"] = Field(
+        "error", description="Malformed rows: 'error' stops before training and lists them all; "
+        "'skip' drops them and writes rejects.jsonl.",
+    )
+
+    @field_validator("split")
+    @classmethod
+    def _split_sums_to_one(cls, v):
+        if any(x < 0 for x in v) or abs(sum(v) - 1.0) > 1e-6:
+            raise ValueError(f"split fractions must be >= 0 and sum to 1, got {list(v)}")
+        return v
+
+    @field_validator("train", "validation", "test")
+    @classmethod
+    def _file_exists(cls, v, info: ValidationInfo):
+        check = (info.context or {}).get("check_files", True)
+        if check and v is not None and not Path(v).is_file():
+            raise ValueError(f"data file not found: {v}")
+        return v
+
+    @field_validator("prompt_template")
+    @classmethod
+    def _template_has_fields(cls, v):
+        if v is not None and not re.search(r"\{[A-Za-z_][A-Za-z0-9_]*\}", v):
+            raise ValueError("prompt_template must name at least one column as {column}")
+        return v
+
+
+class MethodConfig(Section):
+    name: Literal["full", "freeze", "lora"] = Field(
+        "lora", description="full: train every weight; freeze: train only the top layers and head; "
+        "lora: low-rank adapters (peft)."
+    )
+    r: int = Field(8, ge=1, description="LoRA rank.")
+    alpha: float = Field(16.0, gt=0, description="LoRA scaling alpha (effective scale alpha / r).")
+    dropout: float = Field(0.05, ge=0, lt=1, description="LoRA dropout on the adapter input.")
+    target_modules: Union[Literal["all-linear"], list[str]] = Field(
+        "all-linear", description="LoRA: module names to adapt, or 'all-linear' (every linear layer but the output head)."
+    )
+    trainable_layers: int = Field(
+        2, ge=0, description="freeze: number of top transformer layers left trainable (head always trains)."
+    )
+
+
+class TrainConfig(Section):
+    epochs: float = Field(3.0, gt=0, description="Passes over the training data (fractions allowed).")
+    max_steps: Optional[int] = Field(None, ge=1, description="Stop after this many optimizer steps (overrides epochs).")
+    batch_size: int = Field(16, ge=1, description="Examples per micro-batch.")
+    gradient_accumulation: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    learning_rate: Optional[float] = Field(
+        None, gt=0, description="Peak learning rate. Default: 2e-4 for lora, 5e-5 for full/freeze."
+    )
+    warmup: float = Field(
+        0.06, ge=0, description="Warm-up: a fraction of total steps if < 1, else a number of steps."
+    )
+    scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field(
+        "linear", description="Learning-rate schedule after warm-up."
+    )
+    optimizer: Literal["adamw", "sgd", "rmsprop"] = Field("adamw", description="Optimizer.")
+    weight_decay: float = Field(0.0, ge=0, description="Decoupled weight decay (AdamW) or L2 (SGD/RMSprop).")
+    max_grad_norm: Optional[float] = Field(1.0, gt=0, description="Clip the gradient norm to this; null disables.")
+    max_length: int = Field(256, ge=8, description="Truncate every example to this many tokens.")
+    seed: int = Field(42, description="Seed for data order, splits, initialisation and dropout.")
+    dropout: Optional[float] = Field(
+        None, ge=0, lt=1, description="Override the model's hidden/attention dropout probability."
+    )
+    early_stopping_patience: Optional[int] = Field(
+        None, ge=1, description="Stop after this many evaluations without improvement of metric_for_best."
+    )
+    metric_for_best: Optional[str] = Field(
+        None, description="Validation metric for early stopping and best checkpoint. "
+        "Default: f1_macro (classification), loss (sft).",
+    )
+    eval_every: Optional[int] = Field(
+        None, ge=1, description="Evaluate on validation every N optimizer steps. Default: at each epoch end."
+    )
+    checkpoint_every: Optional[int] = Field(
+        None, ge=1, description="Write a resumable checkpoint every N optimizer steps. Default: at each evaluation."
+    )
+    keep_checkpoints: int = Field(2, ge=1, description="Resumable checkpoints kept on disk (the best one is kept apart).")
+    log_every: int = Field(10, ge=1, description="Write a metrics.jsonl line every N optimizer steps.")
+    group_by_length: bool = Field(
+        True, description="Batch examples of similar length together to waste less compute on padding."
+    )
+    eval_batch_size: Optional[int] = Field(None, ge=1, description="Batch size for evaluation. Default: 2 x batch_size.")
+
+
+class EvalConfig(Section):
+    baseline: bool = Field(True, description="Also score the baseline (majority class / untouched base model).")
+    max_new_tokens: int = Field(64, ge=1, description="SFT: greedy generation length for exact match and ROUGE-L.")
+    max_generate: Optional[int] = Field(
+        None, ge=1, description="SFT: score generations on at most this many test examples (all by default)."
+    )
+    validation_generate: int = Field(
+        0, ge=0, description="SFT: also generate on this many validation examples at each evaluation "
+        "(adds exact_match/rouge_l to validation metrics; 0 = loss only).",
+    )
+
+
+class Recipe(Section):
+    name: Optional[str] = Field(None, description="Run name; default: the recipe file name.")
+    model: str = Field(description="A catalogue name (see `tuneforge models`), a local HF folder, or a hub id.")
+    task: Literal["classification", "sft"] = Field(description="classification (encoder + head) or sft (causal LM).")
+    device: Literal["auto", "cpu", "cuda", "mps"] = Field("auto", description="Where to train; auto picks CUDA when present.")
+    data: DataConfig = Field(description="Where the data is and how its columns map to the task.")
+    method: MethodConfig = Field(default_factory=MethodConfig, description="How the model is adapted.")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="Optimisation settings.")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation settings.")
+
+    @field_validator("model")
+    @classmethod
+    def _known_model(cls, v):
+        problem = catalog.check_model_reference(v)
+        if problem:
+            raise ValueError(problem)
+        return v
+
+    @field_validator("task")
+    @classmethod
+    def _task_fits_model(cls, v, info: ValidationInfo):
+        # A field validator (not a model validator) so this is reported together
+        # with every other problem rather than only once the rest is valid.
+        spec = catalog.CATALOG.get(info.data.get("model", ""))
+        if spec is not None and v not in spec.tasks:
+            raise ValueError(
+                f"model '{spec.name}' is a {spec.architecture} and does not suit task '{v}' "
+                f"(it suits: {', '.join(spec.tasks)})"
+            )
+        return v
+
+    @property
+    def learning_rate(self) -> float:
+        if self.train.learning_rate is not None:
+            return self.train.learning_rate
+        return 2e-4 if self.method.name == "lora" else 5e-5
+
+    @property
+    def metric_for_best(self) -> str:
+        return self.train.metric_for_best or ("f1_macro" if self.task == "classification" else "loss")
+
+
+# --------------------------------------------------------------------------- errors
+
+
+class RecipeError(Exception):
+    """Every problem with a recipe, each with its key path and a hint."""
+
+    def __init__(self, source: str, problems: list[tuple[str, str]]):
+        self.source = source
+        self.problems = problems
+        super().__init__(self.render())
+
+    def render(self) -> str:
+        lines = [f"{self.source}: {len(self.problems)} problem(s) in the recipe:"]
+        lines += [f"  - {path}: {msg}" for path, msg in self.problems]
+        return "\n".join(lines)
+
+
+def _allowed_keys(loc: tuple) -> list[str]:
+    """Field names allowed at the parent of `loc` (for 'did you mean' hints)."""
+    model: Any = Recipe
+    for part in loc[:-1]:
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        if field is None:
+            return []
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            model = ann
+        else:
+            return []
+    return list(model.model_fields)
+
+
+def _explain(err: dict) -> tuple[str, str]:
+    loc = tuple(err["loc"])
+    path = ".".join(str(p) for p in loc) or "(root)"
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        allowed = _allowed_keys(loc)
+        close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else f" Allowed keys: {', '.join(allowed)}."
+        return path, f"unknown key.{hint}"
+    if kind == "missing":
+        return path, "required key is missing."
+    if kind == "literal_error":
+        return path, f"{err['msg']} (got {err.get('input')!r})."
+    msg = err["msg"]
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, "):]
+    return path, f"{msg}."
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {}
+            node[part] = child
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    """`train.epochs=2` -> ("train.epochs", 2); values parse as YAML scalars."""
+    parsed = []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key or not re.fullmatch(r"[A-Za-z_][\w.]*", key):
+            raise RecipeError("command line", [(item, "override must look like KEY=VALUE, e.g. train.epochs=2.")])
+        parsed.append((key, yaml.safe_load(raw) if raw != "" else None))
+    return parsed
+
+
+_PATH_KEYS = ("train", "validation", "test")
+
+
+def _resolve_paths(raw: dict, base: Path) -> None:
+    data = raw.get("data")
+    if not isinstance(data, dict):
+        return
+    for key in _PATH_KEYS:
+        value = data.get(key)
+        if isinstance(value, str) and value and not Path(value).is_absolute():
+            data[key] = str((base / value).resolve())
+
+
+def load_recipe(source: Union[str, Path, dict], overrides: Optional[list[str]] = None,
+                check_files: bool = True) -> Recipe:
+    """Read, override and validate a recipe; raises RecipeError listing every problem.
+
+    Relative data paths in a recipe file resolve against the file's folder (so a
+    recipe works from any working directory); paths given as command-line
+    overrides resolve against the current directory, as a shell user expects.
+    `check_files=False` skips the data-file existence check (files made later).
+    """
+    if isinstance(source, dict):
+        raw, label, base = dict(source), "recipe", Path.cwd()
+    else:
+        path = Path(source)
+        label = str(path)
+        if not path.is_file():
+            raise RecipeError(label, [("(file)", f"recipe file not found: {path}.")])
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}" if mark else str(path)
+            raise RecipeError(label, [(where, f"not valid YAML: {getattr(exc, 'problem', exc)}.")]) from None
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, dict):
+            raise RecipeError(label, [("(root)", "a recipe must be a YAML mapping of sections.")])
+        base = path.parent
+    _resolve_paths(raw, base)
+    for key, value in parse_overrides(overrides or []):
+        if key.startswith("data.") and key.split(".")[1] in _PATH_KEYS and isinstance(value, str):
+            value = str(Path(value).resolve())
+        _set_dotted(raw, key, value)
+    try:
+        recipe = Recipe.model_validate(raw, context={"check_files": check_files})
+    except ValidationError as exc:
+        raise RecipeError(label, [_explain(e) for e in exc.errors()]) from None
+    if recipe.name is None and not isinstance(source, dict):
+        recipe.name = Path(source).stem
+    return recipe
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False, allow_unicode=True)

@@ -1,0 +1,115 @@
+"""Leaf helpers used by every trainer: opening a run, loading data, seeding,
+saving the final model, and reporting results."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from tuneforge import __version__
+from tuneforge.console import comparison_table, console
+from tuneforge.data.prepare import InvalidRows, Splits, prepare_splits, write_rejects
+from tuneforge.fsio import atomic_dir, is_complete
+from tuneforge.methods import METHODS
+from tuneforge.models import count_parameters, pick_device
+from tuneforge.recipe import Recipe
+from tuneforge.run import Run, find_resumable, new_run_dir
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def open_run(recipe: Recipe, output: Optional[str], resume: bool, device: Optional[str]) -> tuple[Run, torch.device]:
+    path = find_resumable(recipe, output) if resume else new_run_dir(recipe, output)
+    run = Run(path, recipe, resume=resume)
+    dev = pick_device(device or recipe.device)
+    run.update(device=str(dev), tuneforge_version=__version__)
+    console.print(f"run folder: {run.path}  device: {dev}")
+    return run, dev
+
+
+def load_splits(recipe: Recipe, run: Run) -> Splits:
+    """Validate all data; every reject goes to rejects.jsonl whether we stop or skip."""
+    try:
+        splits = prepare_splits(recipe)
+    except InvalidRows as exc:
+        write_rejects(run.path / "rejects.jsonl", exc.rejects)
+        run.finish("failed: invalid data")
+        raise
+    if splits.rejects:
+        write_rejects(run.path / "rejects.jsonl", splits.rejects)
+        console.print(f"[yellow]skipped {len(splits.rejects)} malformed row(s); see {run.path / 'rejects.jsonl'}")
+    previous = run.manifest.get("data")
+    if previous is not None:
+        _check_same_data(previous, splits.report)
+    run.update(data=splits.report)
+    for split, info in splits.report["files"].items():
+        console.print(
+            f"{split}: {info['read']} read, {info['rejected']} rejected, "
+            f"{info['duplicates_removed']} duplicates removed, {info['kept']} kept"
+        )
+    sizes = ", ".join(f"{k} {v['rows']}" for k, v in splits.report["splits"].items())
+    console.print(f"splits: {sizes}")
+    return splits
+
+
+def _check_same_data(previous: dict, current: dict) -> None:
+    for split, info in current["files"].items():
+        before = previous.get("files", {}).get(split, {}).get("sha256")
+        if before and before != info["sha256"]:
+            raise RuntimeError(
+                f"{info['path']} changed since the run started (sha256 differs); resuming would mix data. "
+                "Start a new run instead."
+            )
+
+
+def apply_method(model, recipe: Recipe):
+    model = METHODS[recipe.method.name].prepare(model, recipe.method, recipe.task)
+    trainable, total = count_parameters(model)
+    console.print(
+        f"method {recipe.method.name}: {trainable:,} trainable of {total:,} parameters "
+        f"({100 * trainable / total:.2f}%)"
+    )
+    return model
+
+
+def save_final_model(model, tokenizer, recipe: Recipe, run: Run):
+    """Write run/model atomically; returns the plain model holding the final weights."""
+    final = run.path / "model"
+    with atomic_dir(final) as tmp:
+        result = METHODS[recipe.method.name].save(model, tokenizer, tmp)
+    return result
+
+
+def baseline_cached(run: Run) -> Optional[dict]:
+    """A resumed run reuses the baseline measured when it started."""
+    return run.read_json("baseline.json")
+
+
+def report(run: Run, recipe: Recipe, test: dict, baseline: Optional[dict], validation: Optional[dict],
+           baseline_name: str) -> dict:
+    metrics = {"test": test, "baseline": baseline, "validation": validation}
+    run.write_json("metrics.json", metrics)
+    console.print(comparison_table(f"{recipe.name}: test split", baseline, test, baseline_name))
+    run.finish()
+    console.print(f"done: {run.path}")
+    return metrics
+
+
+def model_is_saved(run: Run) -> bool:
+    return is_complete(run.path / "model")
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def paths(run: Run) -> dict:
+    return {"run": str(run.path), "model": str(Path(run.path) / "model")}

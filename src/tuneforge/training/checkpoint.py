@@ -1,0 +1,150 @@
+"""Resumable checkpoints without pickle.
+
+Tensors (trainable weights, optimizer moments, RNG states) go to safetensors;
+everything else (step, data position, scheduler, early-stopping state, the
+optimizer's non-tensor structure) goes to JSON. A checkpoint folder is written
+atomically by `fsio.atomic_dir` and trusted only with its completion marker.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from tuneforge.fsio import atomic_dir, is_complete
+
+STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().cpu().clone().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    params = dict(model.named_parameters())
+    missing = [n for n, p in params.items() if p.requires_grad and n not in state]
+    if missing:
+        raise RuntimeError(f"checkpoint lacks trainable weights {missing[:3]}...: was it written by another recipe?")
+    with torch.no_grad():
+        for name, tensor in state.items():
+            params[name].copy_(tensor.to(params[name].device))
+
+
+def _split_optimizer(opt_state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    tensors, meta = {}, {"param_groups": opt_state["param_groups"], "state": {}}
+    for idx, entry in opt_state["state"].items():
+        meta_entry = {}
+        for key, value in entry.items():
+            if torch.is_tensor(value):
+                tensors[f"state.{idx}.{key}"] = value.detach().cpu().clone().contiguous()
+                meta_entry[key] = {"tensor": True}
+            else:
+                meta_entry[key] = {"value": value}
+        meta["state"][str(idx)] = meta_entry
+    return tensors, meta
+
+
+def _join_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state = {}
+    for idx, entry in meta["state"].items():
+        state[int(idx)] = {
+            key: tensors[f"state.{idx}.{key}"] if spec.get("tensor") else spec["value"]
+            for key, spec in entry.items()
+        }
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def _rng_state() -> tuple[dict[str, torch.Tensor], dict]:
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda.{i}"] = s
+    np_state = np.random.get_state()
+    tensors["numpy.keys"] = torch.from_numpy(np_state[1].astype(np.int64))
+    meta = {
+        "python": _to_json(random.getstate()),
+        "numpy": {"kind": np_state[0], "pos": int(np_state[2]), "has_gauss": int(np_state[3]),
+                  "cached_gaussian": float(np_state[4])},
+    }
+    return tensors, meta
+
+
+def _restore_rng(tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    torch.set_rng_state(tensors["torch"])
+    cuda = [tensors[k] for k in sorted(t for t in tensors if t.startswith("cuda."))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+    random.setstate(_from_json(meta["python"]))
+    n = meta["numpy"]
+    np.random.set_state((n["kind"], tensors["numpy.keys"].numpy().astype(np.uint32), n["pos"],
+                         n["has_gauss"], n["cached_gaussian"]))
+
+
+def _to_json(obj: Any) -> Any:
+    return [_to_json(x) for x in obj] if isinstance(obj, (tuple, list)) else obj
+
+
+def _from_json(obj: Any) -> Any:
+    return tuple(_from_json(x) for x in obj) if isinstance(obj, list) else obj
+
+
+def save_checkpoint(folder: Path, model, optimizer, scheduler, loop_state: dict) -> None:
+    opt_tensors, opt_meta = _split_optimizer(optimizer.state_dict())
+    rng_tensors, rng_meta = _rng_state()
+    with atomic_dir(folder) as tmp:
+        save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+        save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+        save_file(rng_tensors, str(tmp / "rng.safetensors"))
+        state = {"loop": loop_state, "optimizer": opt_meta, "scheduler": scheduler.state_dict(), "rng": rng_meta}
+        (tmp / "state.json").write_text(json.dumps(state, indent=1))
+
+
+def load_checkpoint(folder: Path, model, optimizer, scheduler) -> dict:
+    """Restore weights, optimizer, scheduler and RNG; return the loop state."""
+    state = json.loads((folder / "state.json").read_text())
+    load_trainable_state(model, load_file(str(folder / "trainable.safetensors")))
+    optimizer.load_state_dict(_join_optimizer(load_file(str(folder / "optimizer.safetensors")), state["optimizer"]))
+    scheduler.load_state_dict(state["scheduler"])
+    _restore_rng(load_file(str(folder / "rng.safetensors")), state["rng"])
+    return state["loop"]
+
+
+def save_weights(folder: Path, model, info: dict) -> None:
+    """The best model so far: trainable weights only (the rest is the base model)."""
+    with atomic_dir(folder) as tmp:
+        save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+        (tmp / "info.json").write_text(json.dumps(info, indent=1))
+
+
+def load_weights(folder: Path, model) -> dict:
+    load_trainable_state(model, load_file(str(folder / "trainable.safetensors")))
+    return json.loads((folder / "info.json").read_text())
+
+
+def latest_checkpoint(root: Path) -> Optional[Path]:
+    """The newest complete step-N folder; half-written ones are ignored."""
+    if not root.is_dir():
+        return None
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := STEP_DIR.match(p.name)) and is_complete(p)]
+    return max(found)[1] if found else None
+
+
+def prune_checkpoints(root: Path, keep: int) -> None:
+    found = sorted((int(m.group(1)), p) for p in root.iterdir() if (m := STEP_DIR.match(p.name)))
+    complete = [p for _, p in found if is_complete(p)]
+    for path in complete[:-keep]:
+        shutil.rmtree(path, ignore_errors=True)
+    # Folders left without a marker by a killed run are never resumed from.
+    for _, path in found:
+        if not is_complete(path) and path not in complete:
+            shutil.rmtree(path, ignore_errors=True)
+    for leftover in root.glob(".tmp-*"):
+        shutil.rmtree(leftover, ignore_errors=True)

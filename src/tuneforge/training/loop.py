@@ -1,0 +1,178 @@
+"""The optimisation loop shared by the objective trainers (a leaf helper, not a base class).
+
+Why our own loop rather than transformers.Trainer: resuming must restore the
+optimizer, scheduler, RNG and data position *without pickle* (Trainer's
+checkpoints are torch.save pickles), and a killed run must resume to weights
+bit-identical with an uninterrupted one. That needs the data order to be a pure
+function of (seed, epoch) and every piece of state to be ours to serialise.
+Model code, tokenizers, schedulers and adapters still come from the HF stack.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable, Optional
+
+import torch
+
+from tuneforge.console import Progress
+from tuneforge.recipe import TrainConfig
+from tuneforge.run import Run
+from tuneforge.training import checkpoint as ckpt
+from tuneforge.training.optim import build_optimizer, build_scheduler
+
+# plan(epoch) -> optimizer steps, each a list of micro-batches of example indices.
+Plan = Callable[[int], list[list[list[int]]]]
+
+
+@dataclass
+class LoopState:
+    step: int = 0
+    epoch: int = 0
+    step_in_epoch: int = 0
+    best_metric: Optional[float] = None
+    best_step: Optional[int] = None
+    evals_without_improvement: int = 0
+    stopped_early: bool = False
+
+
+@dataclass
+class Objective:
+    """What a trainer gives the loop: how to batch, weigh, score and evaluate."""
+
+    plan: Plan
+    units: Callable[[list[int]], int]  # loss normaliser of a micro-batch (examples or target tokens)
+    loss_sum: Callable[[list[int]], tuple[torch.Tensor, int]]  # (summed loss, real tokens)
+    evaluate: Optional[Callable[[], dict]]  # validation metrics, or None without validation data
+    metric: str
+    higher_is_better: bool
+
+
+def steps_per_epoch(plan: Plan) -> int:
+    return len(plan(0))
+
+
+def total_steps(cfg: TrainConfig, per_epoch: int) -> int:
+    return cfg.max_steps if cfg.max_steps else max(1, math.ceil(cfg.epochs * per_epoch))
+
+
+def autocast(device: torch.device):
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _improved(value: float, best: Optional[float], higher: bool) -> bool:
+    return best is None or (value > best if higher else value < best)
+
+
+def fit(model, objective: Objective, cfg: TrainConfig, lr: float, run: Run, device: torch.device,
+        resume: bool = False, quiet: bool = False) -> LoopState:
+    per_epoch = steps_per_epoch(objective.plan)
+    total = total_steps(cfg, per_epoch)
+    optimizer = build_optimizer(list(model.parameters()), cfg, lr)
+    scheduler = build_scheduler(optimizer, cfg, total)
+    state = LoopState()
+
+    last = ckpt.latest_checkpoint(run.checkpoints) if resume else None
+    if last is not None:
+        state = LoopState(**ckpt.load_checkpoint(last, model, optimizer, scheduler))
+        run.truncate_log(state.step)
+    elif resume:
+        run.truncate_log(0)
+    eval_every = cfg.eval_every or per_epoch
+    save_every = cfg.checkpoint_every or eval_every
+
+    progress = Progress(total, quiet, start_step=state.step)
+    if last is not None:
+        progress.message(f"resumed from {last.name} (epoch {state.epoch}, step {state.step}/{total})")
+    model.train()
+    window_tokens, window_t0 = 0, time.perf_counter()
+    try:
+        while state.step < total and not state.stopped_early:
+            steps = objective.plan(state.epoch)
+            for micro_batches in steps[state.step_in_epoch:]:
+                norm = sum(objective.units(mb) for mb in micro_batches)
+                optimizer.zero_grad(set_to_none=True)
+                loss_total = 0.0
+                for mb in micro_batches:
+                    with autocast(device):
+                        loss, tokens = objective.loss_sum(mb)
+                    (loss / norm).backward()
+                    loss_total += loss.item()
+                    window_tokens += tokens
+                grad_norm = torch.nn.utils.clip_grad_norm_(
+                    [p for p in model.parameters() if p.requires_grad], cfg.max_grad_norm or float("inf")
+                )
+                optimizer.step()
+                scheduler.step()
+                state.step += 1
+                state.step_in_epoch += 1
+                if state.step_in_epoch >= per_epoch:
+                    state.epoch, state.step_in_epoch = state.epoch + 1, 0
+
+                record = {
+                    "step": state.step, "epoch": round(state.epoch + state.step_in_epoch / per_epoch, 4),
+                    "loss": loss_total / norm, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+                }
+                log_now = state.step % cfg.log_every == 0 or state.step == total
+                if log_now:
+                    elapsed = time.perf_counter() - window_t0
+                    record["tokens_per_s"] = window_tokens / elapsed if elapsed > 0 else 0.0
+                    window_tokens, window_t0 = 0, time.perf_counter()
+                    run.log(record)
+                progress.update(state.step, {k: record[k] for k in ("loss", "lr", "tokens_per_s") if k in record}, log_now)
+
+                at_end = state.step >= total
+                paused = time.perf_counter()
+                if objective.evaluate is not None and (state.step % eval_every == 0 or at_end):
+                    _evaluate(model, objective, state, cfg, run, progress)
+                    model.train()
+                if state.step % save_every == 0 or at_end or state.stopped_early:
+                    _save(model, optimizer, scheduler, state, cfg, run)
+                # Time spent evaluating and checkpointing is not training time.
+                window_t0 += time.perf_counter() - paused
+                if at_end or state.stopped_early:
+                    break
+    finally:
+        progress.close()
+
+    best = run.checkpoints / "best"
+    if objective.evaluate is not None and ckpt.is_complete(best):
+        info = ckpt.load_weights(best, model)
+        progress.message(f"restored the best weights: step {info['step']}, {objective.metric} {info['value']:.4f}")
+    model.eval()
+    return state
+
+
+def _evaluate(model, objective: Objective, state: LoopState, cfg: TrainConfig, run: Run, progress: Progress):
+    model.eval()
+    metrics = objective.evaluate()
+    value = metrics.get(objective.metric)
+    if value is None:
+        raise KeyError(
+            f"train.metric_for_best '{objective.metric}' is not among the validation metrics "
+            f"({', '.join(sorted(metrics))})"
+        )
+    run.log({"step": state.step, "split": "validation", **metrics})
+    if _improved(value, state.best_metric, objective.higher_is_better):
+        state.best_metric, state.best_step, state.evals_without_improvement = value, state.step, 0
+        ckpt.save_weights(run.checkpoints / "best", model, {"step": state.step, "metric": objective.metric, "value": value})
+    else:
+        state.evals_without_improvement += 1
+        if cfg.early_stopping_patience and state.evals_without_improvement >= cfg.early_stopping_patience:
+            state.stopped_early = True
+            progress.message(
+                f"early stopping at step {state.step}: {objective.metric} has not improved for "
+                f"{state.evals_without_improvement} evaluations (best {state.best_metric:.4f} at step {state.best_step})"
+            )
+    shown = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
+    progress.message(f"validation @ step {state.step}: {shown}")
+
+
+def _save(model, optimizer, scheduler, state: LoopState, cfg: TrainConfig, run: Run) -> None:
+    ckpt.save_checkpoint(run.checkpoints / f"step-{state.step:07d}", model, optimizer, scheduler, asdict(state))
+    ckpt.prune_checkpoints(run.checkpoints, cfg.keep_checkpoints)

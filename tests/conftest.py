@@ -1,0 +1,78 @@
+"""Shared fixtures. Tiers: unit tests on tiny random models (default), integration
+tests on the bundled real models (marker `integration`), GPU tests (marker `gpu`,
+skipped without CUDA)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+
+
+def shared_data(*parts: str) -> Path:
+    """A file of ../shared/data. Missing data skips the test locally but fails in CI,
+    where ../shared is always present."""
+    path = SHARED.joinpath(*parts)
+    if not path.exists():
+        if os.environ.get("CI"):
+            pytest.fail(f"{path} is missing in CI")
+        pytest.skip(f"{path} not present (the real data sets live in ../shared)")
+    return path
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def sentiment_rows() -> list[dict]:
+    """A small, learnable two-class task for the tiny models."""
+    rng = random.Random(0)
+    good = ["great", "lovely", "superb", "wonderful", "fine"]
+    bad = ["awful", "terrible", "boring", "dreadful", "poor"]
+    nouns = ["film", "plot", "cast", "score", "ending", "script"]
+    rows = []
+    for i in range(160):
+        label = i % 2
+        word = rng.choice(good if label else bad)
+        rows.append({"text": f"the {rng.choice(nouns)} was {word} number {i}", "label": "pos" if label else "neg"})
+    return rows
+
+
+def write_csv(path: Path, rows: list[dict]) -> Path:
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def sentiment_csv(tmp_path, sentiment_rows) -> Path:
+    return write_csv(tmp_path / "sentiment.csv", sentiment_rows)
+
+
+@pytest.fixture
+def dates_jsonl(tmp_path) -> Path:
+    from tuneforge.datagen import iso_dates
+
+    return write_jsonl(tmp_path / "dates.jsonl", iso_dates(120, seed=1))

@@ -1,0 +1,129 @@
+"""Every method x task on tiny random models: the right weights move, frozen ones
+do not, and saved artefacts reload to the same logits."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tuneforge import api, catalog
+
+MODELS = {"classification": "tiny-bert", "sft": "tiny-llama"}
+
+
+def _train(tmp_path, task, method, data, **extra):
+    recipe = {
+        "model": MODELS[task], "task": task, "data": {"train": str(data)},
+        "method": {"name": method, "trainable_layers": 1, "r": 4, "alpha": 8, "dropout": 0.0},
+        "train": {"max_steps": 4, "batch_size": 8, "learning_rate": 1e-2, "warmup": 0, "log_every": 1,
+                  "eval_every": 2},
+        "eval": {"max_new_tokens": 4, "max_generate": 4},
+    }
+    for key, value in extra.items():
+        recipe[key].update(value)
+    out = tmp_path / f"{task}-{method}"
+    metrics = api.train(recipe, output=str(out), quiet=True)
+    return out, metrics
+
+
+def _base_weights(task) -> dict[str, torch.Tensor]:
+    return load_file(str(Path(catalog.resolve(MODELS[task])) / "model.safetensors"))
+
+
+def _changed(task, final: dict, base: dict) -> dict[str, bool]:
+    out = {}
+    for key, tensor in final.items():
+        base_key = key.removeprefix("bert.") if task == "classification" else key
+        if base_key in base:
+            out[key] = not torch.equal(tensor, base[base_key])
+    return out
+
+
+@pytest.fixture
+def data_for(sentiment_csv, dates_jsonl):
+    return {"classification": sentiment_csv, "sft": dates_jsonl}
+
+
+@pytest.mark.parametrize("task", ["classification", "sft"])
+@pytest.mark.parametrize("method", ["full", "freeze", "lora"])
+def test_method_moves_exactly_the_trainable_weights(tmp_path, data_for, task, method):
+    out, metrics = _train(tmp_path, task, method, data_for[task])
+    assert set(metrics) == {"test", "baseline", "validation"}
+    final = load_file(str(out / "model" / "model.safetensors"))
+    changed = _changed(task, final, _base_weights(task))
+    assert changed, "no weights matched the base model"
+    embeddings = [k for k in changed if "embed" in k]
+    if method == "full":
+        assert all(changed.values()), [k for k, v in changed.items() if not v]
+    elif method == "freeze":
+        top = ".layer.2." if task == "classification" else ".layers.2."
+        for key, moved in changed.items():
+            assert moved == (top in key or "pooler" in key or key.startswith("model.norm")), key
+    else:  # lora: merged linear weights move; embeddings and norms stay put
+        assert not any(changed[k] for k in embeddings)
+        assert not any(v for k, v in changed.items() if "norm" in k.lower())
+        assert any(v for k, v in changed.items() if "dense" in k or "proj" in k)
+    if task == "classification":
+        head = final["classifier.weight"]
+        assert head.shape[0] == 2
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert len([x for x in lines if '"split": "validation"' in x]) == 2
+
+
+@pytest.mark.parametrize("task", ["classification", "sft"])
+def test_lora_adapter_reloads_with_plain_peft_and_matches_merged(tmp_path, data_for, task):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    out, _ = _train(tmp_path, task, "lora", data_for[task])
+    base_path = catalog.resolve(MODELS[task])
+    tok = AutoTokenizer.from_pretrained(out / "model")
+    batch = tok(["the plot was superb", "Convert to YYYY-MM-DD: 5 May 2001"], return_tensors="pt", padding=True)
+    if task == "classification":
+        merged = AutoModelForSequenceClassification.from_pretrained(out / "model")
+        base = AutoModelForSequenceClassification.from_pretrained(
+            base_path, num_labels=2, id2label=merged.config.id2label, label2id=merged.config.label2id)
+    else:
+        merged = AutoModelForCausalLM.from_pretrained(out / "model")
+        base = AutoModelForCausalLM.from_pretrained(base_path)
+    untouched = base(**batch).logits.detach().clone()
+    adapted = PeftModel.from_pretrained(base, out / "model" / "adapter").eval()
+    with torch.no_grad():
+        a = adapted(**batch).logits
+        m = merged.eval()(**batch).logits
+    torch.testing.assert_close(a, m, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(a, untouched, atol=1e-4), "the adapter changed nothing"
+
+
+def test_sft_loss_masks_prompt_and_trains_eos():
+    from tuneforge.data.render import IGNORE, render, to_messages
+    from tuneforge.models import load_tokenizer
+
+    tok = load_tokenizer(catalog.resolve("tiny-llama"))
+    r = render(tok, to_messages({"prompt": "Convert: 5 May 2001", "response": "2001-05-05"}, "Be brief."), 256)
+    supervised = [t for t in r.labels if t != IGNORE]
+    assert tok.decode(supervised) == "2001-05-05<|im_end|>"
+    assert supervised[-1] == tok.eos_token_id
+    # Multi-turn chat: every assistant turn carries loss, user turns do not.
+    chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+            {"role": "user", "content": "date?"}, {"role": "assistant", "content": "2001-05-05"}]
+    r = render(tok, to_messages({"messages": chat}, None), 256)
+    spans, current = [], []
+    for t, lab in zip(r.input_ids, r.labels):
+        if lab != IGNORE:
+            current.append(t)
+        elif current:
+            spans.append(tok.decode(current))
+            current = []
+    assert spans == ["hello<|im_end|>", "2001-05-05<|im_end|>"]
+    short = render(tok, to_messages({"prompt": "x " * 300, "response": "y"}, None), 64)
+    assert short.truncated and len(short.input_ids) == 64 and short.n_target == 0
+
+
+def test_optimizers_and_schedulers_run(tmp_path, data_for):
+    for optimizer, scheduler in (("sgd", "cosine"), ("rmsprop", "constant_with_warmup")):
+        out, _ = _train(tmp_path / optimizer, "classification", "full", data_for["classification"],
+                        train={"optimizer": optimizer, "scheduler": scheduler, "warmup": 2, "learning_rate": 1e-3})
+        lrs = [line for line in (out / "metrics.jsonl").read_text().splitlines() if '"lr"' in line]
+        assert len(lrs) == 4
