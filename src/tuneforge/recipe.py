@@ -12,7 +12,15 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from tuneforge import catalog
 
@@ -150,6 +158,21 @@ class TrainConfig(Section):
     eval_batch_size: Optional[int] = Field(None, ge=1, description="Batch size for evaluation. Default: 2 x batch_size.")
 
 
+class ScorerConfig(Section):
+    name: str = Field(description="Metric name in the results, e.g. 'valid_json'.")
+    regex: Optional[str] = Field(None, description="Score 1 when the whole generation matches this regex.")
+    json_schema: Optional[dict] = Field(None, description="Score 1 when the generation is JSON valid under this schema.")
+    function: Optional[str] = Field(
+        None, description="'module:function' called as f(prediction, reference) -> float|bool.")
+
+    @model_validator(mode="after")
+    def _exactly_one(self):
+        given = [k for k in ("regex", "json_schema", "function") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"a scorer takes exactly one of regex, json_schema, function (got {given or 'none'})")
+        return self
+
+
 class EvalConfig(Section):
     baseline: bool = Field(True, description="Also score the baseline (majority class / untouched base model).")
     max_new_tokens: int = Field(64, ge=1, description="SFT: greedy generation length for exact match and ROUGE-L.")
@@ -159,6 +182,20 @@ class EvalConfig(Section):
     validation_generate: int = Field(
         0, ge=0, description="SFT: also generate on this many validation examples at each evaluation "
         "(adds exact_match/rouge_l to validation metrics; 0 = loss only).",
+    )
+    scorers: list[ScorerConfig] = Field(default_factory=list, description="SFT: extra scorers of generations.")
+    bootstrap: bool = Field(True, description="Report 95% bootstrap intervals and a paired test against the baseline.")
+    robustness: bool = Field(
+        False, description="Also score the test split under the perturbation suite (typos, casing, ...).")
+    label_words: Optional[dict[str, str]] = Field(
+        None, description="Zero-shot classification with a causal LM: the word that names each label, "
+        "e.g. {'0': negative, '1': positive}. Default: the labels themselves.",
+    )
+    zero_shot_instruction: str = Field(
+        "Classify the following text.", description="Zero-shot classification: the instruction before each text.")
+    reference_text: Optional[str] = Field(
+        None, description="SFT forgetting check: perplexity of base and fine-tuned model on this general text "
+        "file. Default: a short general-English text shipped with tuneforge.",
     )
 
 
@@ -281,14 +318,15 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
 _PATH_KEYS = ("train", "validation", "test")
 
 
+_PATHS = [("data", key) for key in _PATH_KEYS] + [("eval", "reference_text")]
+
+
 def _resolve_paths(raw: dict, base: Path) -> None:
-    data = raw.get("data")
-    if not isinstance(data, dict):
-        return
-    for key in _PATH_KEYS:
-        value = data.get(key)
+    for section, key in _PATHS:
+        node = raw.get(section)
+        value = node.get(key) if isinstance(node, dict) else None
         if isinstance(value, str) and value and not Path(value).is_absolute():
-            data[key] = str((base / value).resolve())
+            node[key] = str((base / value).resolve())
 
 
 def load_recipe(source: Union[str, Path, dict], overrides: Optional[list[str]] = None,
@@ -320,7 +358,7 @@ def load_recipe(source: Union[str, Path, dict], overrides: Optional[list[str]] =
         base = path.parent
     _resolve_paths(raw, base)
     for key, value in parse_overrides(overrides or []):
-        if key.startswith("data.") and key.split(".")[1] in _PATH_KEYS and isinstance(value, str):
+        if tuple(key.split(".")) in _PATHS and isinstance(value, str):
             value = str(Path(value).resolve())
         _set_dotted(raw, key, value)
     try:

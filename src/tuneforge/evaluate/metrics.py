@@ -4,45 +4,81 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Optional, Sequence
+from typing import Sequence
 
 import numpy as np
 
+from tuneforge.evaluate.stats import bootstrap_ci, expected_calibration_error, mean_ci
+
 
 def classification_metrics(y_true: Sequence[int], probs: np.ndarray, labels: list[str]) -> dict:
-    """Headline metrics, per-class table and confusion matrix.
+    """Headline metrics, per-class table, confusion matrix and calibration.
 
-    `probs` is [n, n_labels]; predictions are its argmax. ROC-AUC is one-vs-rest
-    (macro) for several classes, and None when the split holds a single class.
+    `probs` is [n, n_labels]; predictions are its argmax. ROC-AUC and PR-AUC are
+    one-vs-rest (macro) for several classes, and None when the split holds a
+    single class. Calibration: expected calibration error of the top-class
+    confidence over 15 bins, with the reliability-diagram table.
     """
-    from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support, roc_auc_score
+    from sklearn.metrics import (
+        accuracy_score,
+        average_precision_score,
+        confusion_matrix,
+        precision_recall_fscore_support,
+        roc_auc_score,
+    )
 
     y_true = np.asarray(y_true)
     probs = np.asarray(probs, dtype=np.float64)
     y_pred = probs.argmax(axis=1)
     ids = list(range(len(labels)))
-    p, r, f, _ = precision_recall_fscore_support(y_true, y_pred, labels=ids, average="macro", zero_division=0)
+    averaged = {}
+    for avg in ("macro", "weighted"):
+        p, r, f, _ = precision_recall_fscore_support(y_true, y_pred, labels=ids, average=avg, zero_division=0)
+        averaged.update({f"precision_{avg}": float(p), f"recall_{avg}": float(r), f"f1_{avg}": float(f)})
     pc, rc, fc, sc = precision_recall_fscore_support(y_true, y_pred, labels=ids, average=None, zero_division=0)
-    roc: Optional[float] = None
+    roc = pr = None
     present = np.unique(y_true)
     if len(present) > 1:
         if len(labels) == 2:
             roc = float(roc_auc_score(y_true, probs[:, 1]))
+            pr = float(average_precision_score(y_true, probs[:, 1]))
         elif len(present) == len(labels):
             roc = float(roc_auc_score(y_true, probs, multi_class="ovr", average="macro", labels=ids))
+            onehot = np.eye(len(labels))[y_true]
+            pr = float(average_precision_score(onehot, probs, average="macro"))
+    ece, reliability = expected_calibration_error(probs.max(axis=1), y_pred == y_true)
     return {
         "accuracy": float(accuracy_score(y_true, y_pred)),
-        "precision_macro": float(p),
-        "recall_macro": float(r),
-        "f1_macro": float(f),
+        **averaged,
         "roc_auc": roc,
+        "pr_auc": pr,
+        "ece": ece,
         "n": int(len(y_true)),
         "per_class": {
             lab: {"precision": float(pc[i]), "recall": float(rc[i]), "f1": float(fc[i]), "support": int(sc[i])}
             for i, lab in enumerate(labels)
         },
         "confusion_matrix": {"labels": labels, "matrix": confusion_matrix(y_true, y_pred, labels=ids).tolist()},
+        "reliability": reliability,
     }
+
+
+def classification_intervals(y_true: Sequence[int], probs: np.ndarray, labels: list[str]) -> dict:
+    """95% bootstrap intervals of the headline classification metrics."""
+    from sklearn.metrics import f1_score, roc_auc_score
+
+    y_true = np.asarray(y_true)
+    probs = np.asarray(probs, dtype=np.float64)
+    y_pred = probs.argmax(axis=1)
+    n, ids = len(y_true), list(range(len(labels)))
+    out = {"accuracy": mean_ci(y_pred == y_true)}
+    out["f1_macro"] = bootstrap_ci(
+        lambda i: f1_score(y_true[i], y_pred[i], labels=ids, average="macro", zero_division=0), n, n_boot=300)
+    if len(labels) == 2 and len(np.unique(y_true)) == 2:
+        def auc(i):
+            return roc_auc_score(y_true[i], probs[i, 1]) if len(np.unique(y_true[i])) == 2 else np.nan
+        out["roc_auc"] = bootstrap_ci(auc, n, n_boot=300)
+    return {k: [lo, hi] for k, (lo, hi) in out.items()}
 
 
 def majority_baseline(train_labels: Sequence[int], y_true: Sequence[int], labels: list[str]) -> dict:
@@ -63,18 +99,40 @@ def normalise_answer(text: str) -> str:
     return _SPACE.sub(" ", text).strip()
 
 
-def generation_metrics(predictions: Sequence[str], references: Sequence[str]) -> dict:
+def generation_scores(predictions: Sequence[str], references: Sequence[str]) -> dict[str, list[float]]:
+    """Per-example scores, for intervals and paired tests."""
     from rouge_score import rouge_scorer
 
-    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
-    exact = [normalise_answer(p) == normalise_answer(r) for p, r in zip(predictions, references)]
-    rouge = [scorer.score(r, p)["rougeL"].fmeasure for p, r in zip(predictions, references)]
-    n = len(predictions)
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=False)
+    rows = [scorer.score(r, p) for p, r in zip(predictions, references)]
     return {
-        "exact_match": float(np.mean(exact)) if n else 0.0,
-        "rouge_l": float(np.mean(rouge)) if n else 0.0,
-        "n_generated": n,
+        "exact_match": [float(normalise_answer(p) == normalise_answer(r)) for p, r in zip(predictions, references)],
+        "rouge1": [x["rouge1"].fmeasure for x in rows],
+        "rouge2": [x["rouge2"].fmeasure for x in rows],
+        "rouge_l": [x["rougeL"].fmeasure for x in rows],
     }
+
+
+def generation_metrics(predictions: Sequence[str], references: Sequence[str], scorers: Sequence = ()) -> dict:
+    """Exact match, ROUGE-1/2/L (rouge-score), corpus BLEU and chrF (sacrebleu), user scorers."""
+    import sacrebleu
+
+    n = len(predictions)
+    per = generation_scores(predictions, references)
+    out = {k: float(np.mean(v)) if n else 0.0 for k, v in per.items()}
+    if n:
+        out["bleu"] = float(sacrebleu.corpus_bleu(list(predictions), [list(references)]).score)
+        out["chrf"] = float(sacrebleu.corpus_chrf(list(predictions), [list(references)]).score)
+    for scorer in scorers:
+        values = [float(scorer(p, r)) for p, r in zip(predictions, references)]
+        out[scorer.name] = float(np.mean(values)) if n else 0.0
+    out["n_generated"] = n
+    return out
+
+
+def generation_intervals(predictions: Sequence[str], references: Sequence[str]) -> dict:
+    per = generation_scores(predictions, references)
+    return {k: list(mean_ci(per[k])) for k in ("exact_match", "rouge_l")}
 
 
 def perplexity(mean_nll: float) -> float:

@@ -7,8 +7,6 @@ embedding matrix, so it stays frozen with the embeddings.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
 from tuneforge.methods.full import save  # noqa: F401  (same on-disk result as full fine-tuning)

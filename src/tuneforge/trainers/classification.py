@@ -7,35 +7,18 @@ from __future__ import annotations
 
 from typing import Optional
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from tuneforge.console import console
-from tuneforge.evaluate.metrics import classification_metrics, majority_baseline
+from tuneforge.evaluate.metrics import classification_metrics
+from tuneforge.evaluate.runner import evaluate_classifier
+from tuneforge.inference import collate, encode, predict_proba
 from tuneforge.models import load_classifier
 from tuneforge.recipe import Recipe
 from tuneforge.trainers import shared
-from tuneforge.training.batching import attention_mask, eval_batches, pad, plan_epoch
+from tuneforge.training.batching import plan_epoch
 from tuneforge.training.loop import Objective, fit
-
-
-def encode(tokenizer, texts: list[str], max_length: int) -> list[list[int]]:
-    return tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
-
-
-def collate(ids: list[list[int]], pad_id: int, device: torch.device) -> dict:
-    return {"input_ids": pad(ids, pad_id).to(device), "attention_mask": attention_mask(ids).to(device)}
-
-
-@torch.no_grad()
-def predict_proba(model, ids: list[list[int]], pad_id: int, batch_size: int, device: torch.device) -> np.ndarray:
-    model.eval()
-    out = np.zeros((len(ids), model.config.num_labels), dtype=np.float64)
-    for batch in eval_batches([len(x) for x in ids], batch_size):
-        logits = model(**collate([ids[i] for i in batch], pad_id, device)).logits
-        out[batch] = F.softmax(logits.float(), dim=-1).cpu().numpy()
-    return out
 
 
 def train(recipe: Recipe, output: Optional[str] = None, resume: bool = False, device: Optional[str] = None,
@@ -82,13 +65,14 @@ def train(recipe: Recipe, output: Optional[str] = None, resume: bool = False, de
     model = shared.save_final_model(model, tokenizer, recipe, run)
 
     # ---- evaluate: validation and test, next to the majority-class baseline
-    validation = None
-    if splits.validation:
-        validation = classification_metrics(
-            targets["validation"], predict_proba(model, encoded["validation"], pad_id, eval_bs, dev), labels)
+    def predict(texts: list[str]):
+        return predict_proba(model, encode(tokenizer, texts, max_len), pad_id, eval_bs, dev)
+
+    validation = classification_metrics(
+        targets["validation"], predict([r["text"] for r in splits.validation]), labels) if splits.validation else None
     if not splits.test:
         console.print("[yellow]no test rows: test metrics are empty")
-    test = classification_metrics(
-        targets["test"], predict_proba(model, encoded["test"], pad_id, eval_bs, dev), labels) if splits.test else {}
-    baseline = majority_baseline(targets["train"], targets["test"], labels) if splits.test and recipe.eval.baseline else None
-    return shared.report(run, recipe, test, baseline, validation, "majority class")
+        return shared.report(run, recipe, {"metrics": {}}, validation, "majority class")
+    result = evaluate_classifier(predict, splits.test, labels, targets["train"] if recipe.eval.baseline else None,
+                                 bootstrap=recipe.eval.bootstrap, robustness=recipe.eval.robustness)
+    return shared.report(run, recipe, result, validation, "majority class")

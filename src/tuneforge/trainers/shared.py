@@ -4,7 +4,6 @@ saving the final model, and reporting results."""
 from __future__ import annotations
 
 import random
-from pathlib import Path
 from typing import Optional
 
 import numpy as np
@@ -13,7 +12,7 @@ import torch
 from tuneforge import __version__
 from tuneforge.console import comparison_table, console
 from tuneforge.data.prepare import InvalidRows, Splits, prepare_splits, write_rejects
-from tuneforge.fsio import atomic_dir, is_complete
+from tuneforge.fsio import atomic_dir
 from tuneforge.methods import METHODS
 from tuneforge.models import count_parameters, pick_device
 from tuneforge.recipe import Recipe
@@ -93,23 +92,22 @@ def baseline_cached(run: Run) -> Optional[dict]:
     return run.read_json("baseline.json")
 
 
-def report(run: Run, recipe: Recipe, test: dict, baseline: Optional[dict], validation: Optional[dict],
-           baseline_name: str) -> dict:
+def report(run: Run, recipe: Recipe, result: dict, validation: Optional[dict], baseline_name: str) -> dict:
+    """Write metrics.json ({"test", "baseline", "validation"}), the details for the
+    report (curves, worst errors, samples, robustness), and print base vs tuned."""
+    test, baseline = result["metrics"], result.get("baseline")
     metrics = {"test": test, "baseline": baseline, "validation": validation}
     run.write_json("metrics.json", metrics)
+    run.write_json("evaluation.json", {k: v for k, v in result.items() if k not in ("metrics", "baseline")})
     console.print(comparison_table(f"{recipe.name}: test split", baseline, test, baseline_name))
+    significance = test.get("vs_baseline")
+    if significance:
+        tests = significance.values() if "p_value" not in significance else [significance]
+        console.print("paired test vs baseline: " + ", ".join(f"{t['test']} p={t['p_value']:.3g}" for t in tests))
     run.finish()
+    from tuneforge.report import write_report
+
+    html_path, _ = write_report(run.path)
+    console.print(f"report: {html_path}")
     console.print(f"done: {run.path}")
     return metrics
-
-
-def model_is_saved(run: Run) -> bool:
-    return is_complete(run.path / "model")
-
-
-def to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device) for k, v in batch.items()}
-
-
-def paths(run: Run) -> dict:
-    return {"run": str(run.path), "model": str(Path(run.path) / "model")}

@@ -90,7 +90,7 @@ def fit(model, objective: Objective, cfg: TrainConfig, lr: float, run: Run, devi
     if last is not None:
         progress.message(f"resumed from {last.name} (epoch {state.epoch}, step {state.step}/{total})")
     model.train()
-    window_tokens, window_t0 = 0, time.perf_counter()
+    window_tokens, window_loss, window_steps, window_t0 = 0, 0.0, 0, time.perf_counter()
     try:
         while state.step < total and not state.stopped_early:
             steps = objective.plan(state.epoch)
@@ -114,15 +114,18 @@ def fit(model, objective: Objective, cfg: TrainConfig, lr: float, run: Run, devi
                 if state.step_in_epoch >= per_epoch:
                     state.epoch, state.step_in_epoch = state.epoch + 1, 0
 
+                window_loss, window_steps = window_loss + loss_total / norm, window_steps + 1
                 record = {
                     "step": state.step, "epoch": round(state.epoch + state.step_in_epoch / per_epoch, 4),
                     "loss": loss_total / norm, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
                 }
                 log_now = state.step % cfg.log_every == 0 or state.step == total
                 if log_now:
+                    # The logged loss is the mean over the steps since the last line.
                     elapsed = time.perf_counter() - window_t0
+                    record["loss"] = window_loss / window_steps
                     record["tokens_per_s"] = window_tokens / elapsed if elapsed > 0 else 0.0
-                    window_tokens, window_t0 = 0, time.perf_counter()
+                    window_tokens, window_loss, window_steps, window_t0 = 0, 0.0, 0, time.perf_counter()
                     run.log(record)
                 progress.update(state.step, {k: record[k] for k in ("loss", "lr", "tokens_per_s") if k in record}, log_now)
 

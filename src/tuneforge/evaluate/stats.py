@@ -1,0 +1,105 @@
+"""Uncertainty for every headline number: bootstrap intervals and paired tests.
+
+A fine-tune "helped" only if the gain is larger than what resampling the test
+set would move it by; these helpers say how large that is.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import numpy as np
+
+N_BOOT = 1000
+
+
+def bootstrap_ci(metric: Callable[[np.ndarray], float], n: int, n_boot: int = N_BOOT, level: float = 0.95,
+                 seed: int = 0) -> tuple[float, float]:
+    """Percentile interval of `metric(indices)` over resamples of n examples."""
+    if n == 0:
+        return (float("nan"), float("nan"))
+    rng = np.random.default_rng(seed)
+    stats = np.empty(n_boot)
+    for b in range(n_boot):
+        stats[b] = metric(rng.integers(0, n, size=n))
+    alpha = (1 - level) / 2
+    lo, hi = np.nanquantile(stats, [alpha, 1 - alpha])
+    return float(lo), float(hi)
+
+
+def mean_ci(values: Sequence[float], **kw) -> tuple[float, float]:
+    """Interval for a mean of per-example scores (accuracy, exact match, ...), vectorised."""
+    values = np.asarray(values, dtype=np.float64)
+    n = len(values)
+    if n == 0:
+        return (float("nan"), float("nan"))
+    n_boot, level = kw.get("n_boot", N_BOOT), kw.get("level", 0.95)
+    rng = np.random.default_rng(kw.get("seed", 0))
+    means = values[rng.integers(0, n, size=(n_boot, n))].mean(axis=1)
+    alpha = (1 - level) / 2
+    lo, hi = np.quantile(means, [alpha, 1 - alpha])
+    return float(lo), float(hi)
+
+
+def mcnemar(correct_a: Sequence[bool], correct_b: Sequence[bool]) -> dict:
+    """Exact McNemar test: are two classifiers' error rates on the same items different?
+
+    Only discordant items count: b = A right & B wrong, c = A wrong & B right.
+    Under the null each discordant item is a fair coin, so p is a two-sided
+    binomial test of b successes in b + c trials.
+    """
+    from scipy.stats import binomtest
+
+    a = np.asarray(correct_a, dtype=bool)
+    b_ = np.asarray(correct_b, dtype=bool)
+    b = int(np.sum(a & ~b_))
+    c = int(np.sum(~a & b_))
+    p = 1.0 if b + c == 0 else float(binomtest(b, b + c, 0.5, alternative="two-sided").pvalue)
+    return {"test": "mcnemar_exact", "a_only_correct": b, "b_only_correct": c, "p_value": p}
+
+
+def paired_bootstrap(scores_a: Sequence[float], scores_b: Sequence[float], n_boot: int = N_BOOT,
+                     seed: int = 0) -> dict:
+    """Paired bootstrap for per-example scores: two-sided p-value that mean(b) - mean(a) is 0.
+
+    Resample items (keeping pairs together); p is twice the share of resamples
+    whose difference falls on the other side of zero from the observed one.
+    """
+    a = np.asarray(scores_a, dtype=np.float64)
+    b = np.asarray(scores_b, dtype=np.float64)
+    n = len(a)
+    if n == 0:
+        return {"test": "paired_bootstrap", "delta": float("nan"), "p_value": 1.0}
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, n, size=(n_boot, n))
+    diffs = (b[idx] - a[idx]).mean(axis=1)
+    observed = float((b - a).mean())
+    if observed == 0:
+        return {"test": "paired_bootstrap", "delta": 0.0, "p_value": 1.0}
+    other_side = np.mean(diffs <= 0) if observed > 0 else np.mean(diffs >= 0)
+    # Never report p = 0 from a finite number of resamples.
+    p = float(min(1.0, 2 * max(other_side, 1.0 / n_boot)))
+    return {"test": "paired_bootstrap", "delta": observed, "p_value": p}
+
+
+def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, bins: int = 15) -> tuple[float, dict]:
+    """ECE over equal-width confidence bins, and the reliability-diagram table."""
+    confidence = np.asarray(confidence, dtype=np.float64)
+    correct = np.asarray(correct, dtype=np.float64)
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    which = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, bins - 1)
+    ece, table = 0.0, {"bin_lower": [], "bin_upper": [], "confidence": [], "accuracy": [], "count": []}
+    for k in range(bins):
+        mask = which == k
+        count = int(mask.sum())
+        table["bin_lower"].append(float(edges[k]))
+        table["bin_upper"].append(float(edges[k + 1]))
+        table["count"].append(count)
+        if count:
+            conf, acc = float(confidence[mask].mean()), float(correct[mask].mean())
+            ece += count / len(confidence) * abs(acc - conf)
+        else:
+            conf = acc = float("nan")
+        table["confidence"].append(conf)
+        table["accuracy"].append(acc)
+    return float(ece), table

@@ -1,0 +1,129 @@
+"""Model-side compute shared by training, evaluation and serving: batched
+class probabilities, supervised-only LM loss, and greedy generation."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from tuneforge.data.render import IGNORE, Rendered
+from tuneforge.training.batching import attention_mask, eval_batches, pad
+
+
+def encode(tokenizer, texts: list[str], max_length: int) -> list[list[int]]:
+    return tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
+
+
+def collate(ids: list[list[int]], pad_id: int, device: torch.device) -> dict:
+    return {"input_ids": pad(ids, pad_id).to(device), "attention_mask": attention_mask(ids).to(device)}
+
+
+@torch.no_grad()
+def predict_proba(model, ids: list[list[int]], pad_id: int, batch_size: int, device: torch.device) -> np.ndarray:
+    model.eval()
+    out = np.zeros((len(ids), model.config.num_labels), dtype=np.float64)
+    for batch in eval_batches([len(x) for x in ids], batch_size):
+        logits = model(**collate([ids[i] for i in batch], pad_id, device)).logits
+        out[batch] = F.softmax(logits.float(), dim=-1).cpu().numpy()
+    return out
+
+
+def split_lm(model) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """(decoder body, output head) of a causal LM, looking through a peft wrapper."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return getattr(inner, inner.base_model_prefix), inner.get_output_embeddings()
+
+
+def sequence_nll(model, examples: list[Rendered], pad_id: int, device: torch.device) -> tuple[torch.Tensor, int]:
+    """Next-token loss summed per sequence over its supervised positions: [batch], real tokens.
+
+    The head runs on supervised positions alone: prompt tokens carry no loss, so
+    projecting them onto the vocabulary (the largest matmul of a small LM) is waste.
+    """
+    body, head = split_lm(model)
+    ids = pad([e.input_ids for e in examples], pad_id).to(device)
+    mask = attention_mask([e.input_ids for e in examples]).to(device)
+    labels = pad([e.labels for e in examples], IGNORE).to(device)
+    hidden = body(input_ids=ids, attention_mask=mask).last_hidden_state
+    targets = labels[:, 1:]
+    chosen = targets != IGNORE
+    logits = head(hidden[:, :-1][chosen])
+    nll = F.cross_entropy(logits.float(), targets[chosen], reduction="none")
+    rows = chosen.nonzero()[:, 0]
+    per_sequence = torch.zeros(len(examples), device=nll.device, dtype=nll.dtype).index_add(0, rows, nll)
+    return per_sequence, int(mask.sum())
+
+
+def lm_loss_sum(model, examples: list[Rendered], pad_id: int, device: torch.device) -> tuple[torch.Tensor, int]:
+    """Summed next-token loss over supervised positions (the SFT training loss before normalising)."""
+    per_sequence, tokens = sequence_nll(model, examples, pad_id, device)
+    return per_sequence.sum(), tokens
+
+
+@torch.no_grad()
+def mean_nll(model, examples: list[Rendered], pad_id: int, batch_size: int, device: torch.device) -> float:
+    model.eval()
+    total, count = 0.0, 0
+    for batch in eval_batches([len(e.input_ids) for e in examples], batch_size):
+        loss, _ = lm_loss_sum(model, [examples[i] for i in batch], pad_id, device)
+        total += loss.item()
+        count += sum(examples[i].n_target for i in batch)
+    return total / max(count, 1)
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch_size: int,
+             device: torch.device) -> list[str]:
+    model.eval()
+    out: list[str] = [""] * len(prompts)
+    pad_id = tokenizer.pad_token_id
+    for batch in eval_batches([len(p) for p in prompts], batch_size):
+        seqs = [prompts[i] for i in batch]
+        ids = pad(seqs, pad_id, left=True).to(device)
+        generated = model.generate(
+            input_ids=ids, attention_mask=attention_mask(seqs, left=True).to(device),
+            max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+        texts = tokenizer.batch_decode(generated[:, ids.shape[1]:], skip_special_tokens=True)
+        for i, text in zip(batch, texts):
+            out[i] = text.strip()
+    return out
+
+
+def reference_nll(model, tokenizer, text: str, max_length: int, batch_size: int, device: torch.device) -> float:
+    """Mean next-token loss on general text, in windows of max_length tokens:
+    the forgetting check (how much general language modelling a fine-tune cost)."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    windows = [ids[i:i + max_length] for i in range(0, len(ids), max_length)]
+    examples = [Rendered(w, list(w), False) for w in windows if len(w) > 1]
+    return mean_nll(model, examples, tokenizer.pad_token_id, batch_size, device)
+
+
+@torch.no_grad()
+def zero_shot_probs(model, tokenizer, texts: list[str], label_words: list[str], instruction: str,
+                    batch_size: int, device: torch.device) -> np.ndarray:
+    """Class probabilities of a causal LM with no training: the likelihood of each
+    label word as the answer, normalised over the labels (constrained decoding),
+    so a base LLM gets a fair number on classification data."""
+    from tuneforge.data.render import encode_prompt
+
+    model.eval()
+    options = ", ".join(label_words)
+    words = [tokenizer(w, add_special_tokens=False)["input_ids"] for w in label_words]
+    examples, owners = [], []
+    for i, text in enumerate(texts):
+        prompt = encode_prompt(tokenizer, [{"role": "user",
+                                            "content": f"{instruction}\n\nText: {text}\n\nAnswer with one of: {options}."}])
+        for k, word in enumerate(words):
+            examples.append(Rendered(prompt + word, [IGNORE] * len(prompt) + word, False))
+            owners.append((i, k))
+    scores = np.zeros((len(texts), len(label_words)))
+    for batch in eval_batches([len(e.input_ids) for e in examples], batch_size):
+        nll, _ = sequence_nll(model, [examples[j] for j in batch], tokenizer.pad_token_id, device)
+        for j, value in zip(batch, nll.tolist()):
+            scores[owners[j]] = -value
+    scores -= scores.max(axis=1, keepdims=True)
+    probs = np.exp(scores)
+    return probs / probs.sum(axis=1, keepdims=True)
