@@ -137,8 +137,9 @@ def trained_run(tmp_path_factory, sentiment_rows):
 
 def test_run_metrics_have_intervals_and_paired_test(trained_run):
     test = json.loads((trained_run / "metrics.json").read_text())["test"]
-    lo, hi = test["ci"]["accuracy"]
-    assert lo <= test["accuracy"] <= hi
+    for key in ("accuracy", "precision_macro", "recall_macro", "f1_macro", "roc_auc", "pr_auc"):
+        lo, hi = test["ci"][key]
+        assert lo <= test[key] <= hi, key
     assert test["vs_baseline"]["test"] == "mcnemar_exact"
     for key in ("f1_weighted", "pr_auc", "ece", "reliability"):
         assert key in test

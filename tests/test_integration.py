@@ -41,4 +41,9 @@ def test_smollm_sft_raises_exact_match_over_base_model(tmp_path):
     assert base["exact_match"] <= 0.1
     assert test["exact_match"] >= base["exact_match"] + 0.3
     assert test["loss"] < base["loss"] and test["perplexity"] < base["perplexity"]
+    for key in ("loss", "perplexity", "exact_match", "rouge1", "rouge2", "rouge_l", "bleu", "chrf"):
+        lo, hi = test["ci"][key]
+        assert lo <= test[key] <= hi, key
+    assert test["vs_baseline"]["exact_match"]["p_value"] < 0.05
+    assert test["reference_perplexity"] > 1 and base["reference_perplexity"] > 1
     assert (tmp_path / "run" / "model" / "adapter" / "adapter_model.safetensors").is_file()

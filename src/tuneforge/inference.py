@@ -62,14 +62,20 @@ def lm_loss_sum(model, examples: list[Rendered], pad_id: int, device: torch.devi
 
 
 @torch.no_grad()
-def mean_nll(model, examples: list[Rendered], pad_id: int, batch_size: int, device: torch.device) -> float:
+def per_example_nll(model, examples: list[Rendered], pad_id: int, batch_size: int,
+                    device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+    """Summed loss and supervised-token count of every example (for means and their intervals)."""
     model.eval()
-    total, count = 0.0, 0
+    sums = np.zeros(len(examples))
     for batch in eval_batches([len(e.input_ids) for e in examples], batch_size):
-        loss, _ = lm_loss_sum(model, [examples[i] for i in batch], pad_id, device)
-        total += loss.item()
-        count += sum(examples[i].n_target for i in batch)
-    return total / max(count, 1)
+        nll, _ = sequence_nll(model, [examples[i] for i in batch], pad_id, device)
+        sums[batch] = nll.float().cpu().numpy()
+    return sums, np.array([e.n_target for e in examples], dtype=np.float64)
+
+
+def mean_nll(model, examples: list[Rendered], pad_id: int, batch_size: int, device: torch.device) -> float:
+    sums, counts = per_example_nll(model, examples, pad_id, batch_size, device)
+    return float(sums.sum() / max(counts.sum(), 1))
 
 
 @torch.no_grad()

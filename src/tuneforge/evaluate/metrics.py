@@ -8,7 +8,7 @@ from typing import Sequence
 
 import numpy as np
 
-from tuneforge.evaluate.stats import bootstrap_ci, expected_calibration_error, mean_ci
+from tuneforge.evaluate.stats import bootstrap_many, expected_calibration_error, mean_ci
 
 
 def classification_metrics(y_true: Sequence[int], probs: np.ndarray, labels: list[str]) -> dict:
@@ -64,21 +64,27 @@ def classification_metrics(y_true: Sequence[int], probs: np.ndarray, labels: lis
 
 
 def classification_intervals(y_true: Sequence[int], probs: np.ndarray, labels: list[str]) -> dict:
-    """95% bootstrap intervals of the headline classification metrics."""
-    from sklearn.metrics import f1_score, roc_auc_score
+    """95% bootstrap intervals of every headline classification metric (one set of resamples)."""
+    from sklearn.metrics import average_precision_score, precision_recall_fscore_support, roc_auc_score
 
     y_true = np.asarray(y_true)
     probs = np.asarray(probs, dtype=np.float64)
     y_pred = probs.argmax(axis=1)
-    n, ids = len(y_true), list(range(len(labels)))
-    out = {"accuracy": mean_ci(y_pred == y_true)}
-    out["f1_macro"] = bootstrap_ci(
-        lambda i: f1_score(y_true[i], y_pred[i], labels=ids, average="macro", zero_division=0), n, n_boot=300)
-    if len(labels) == 2 and len(np.unique(y_true)) == 2:
-        def auc(i):
-            return roc_auc_score(y_true[i], probs[i, 1]) if len(np.unique(y_true[i])) == 2 else np.nan
-        out["roc_auc"] = bootstrap_ci(auc, n, n_boot=300)
-    return {k: [lo, hi] for k, (lo, hi) in out.items()}
+    ids = list(range(len(labels)))
+    binary = len(labels) == 2
+
+    def headline(i: np.ndarray) -> dict:
+        t, pr = y_true[i], y_pred[i]
+        p, r, f, _ = precision_recall_fscore_support(t, pr, labels=ids, average="macro", zero_division=0)
+        out = {"accuracy": float(np.mean(t == pr)), "precision_macro": p, "recall_macro": r, "f1_macro": f}
+        if binary and len(np.unique(t)) == 2:
+            out["roc_auc"] = roc_auc_score(t, probs[i, 1])
+            out["pr_auc"] = average_precision_score(t, probs[i, 1])
+        elif not binary and len(np.unique(t)) == len(labels):
+            out["roc_auc"] = roc_auc_score(t, probs[i], multi_class="ovr", labels=ids)
+        return out
+
+    return bootstrap_many(headline, len(y_true), n_boot=300)
 
 
 def majority_baseline(train_labels: Sequence[int], y_true: Sequence[int], labels: list[str]) -> dict:
@@ -131,8 +137,26 @@ def generation_metrics(predictions: Sequence[str], references: Sequence[str], sc
 
 
 def generation_intervals(predictions: Sequence[str], references: Sequence[str]) -> dict:
+    """95% intervals: per-example means resampled directly, corpus BLEU/chrF by resampling items."""
+    import sacrebleu
+
     per = generation_scores(predictions, references)
-    return {k: list(mean_ci(per[k])) for k in ("exact_match", "rouge_l")}
+    out = {k: list(mean_ci(v)) for k, v in per.items()}
+    preds, refs = np.array(predictions, dtype=object), np.array(references, dtype=object)
+
+    def corpus(i: np.ndarray) -> dict:
+        p, r = list(preds[i]), [list(refs[i])]
+        return {"bleu": sacrebleu.corpus_bleu(p, r).score, "chrf": sacrebleu.corpus_chrf(p, r).score}
+
+    out.update(bootstrap_many(corpus, len(predictions), n_boot=200))
+    return out
+
+
+def loss_intervals(nll_sums: np.ndarray, token_counts: np.ndarray) -> dict:
+    """Intervals of the token-weighted mean loss and its perplexity, resampling examples."""
+    lo, hi = bootstrap_many(lambda i: {"loss": nll_sums[i].sum() / max(token_counts[i].sum(), 1)},
+                            len(nll_sums))["loss"]
+    return {"loss": [lo, hi], "perplexity": [perplexity(lo), perplexity(hi)]}
 
 
 def perplexity(mean_nll: float) -> float:

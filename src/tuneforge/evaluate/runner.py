@@ -10,15 +10,9 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from tuneforge.evaluate.metrics import (
-    classification_intervals,
-    classification_metrics,
-    generation_intervals,
-    generation_metrics,
-    generation_scores,
-    majority_baseline,
-    perplexity,
-)
+from tuneforge.evaluate.metrics import (classification_intervals, classification_metrics, generation_intervals,
+                                        generation_metrics, generation_scores, loss_intervals, majority_baseline,
+                                        perplexity)
 from tuneforge.evaluate.robustness import PERTURBATIONS, perturb
 from tuneforge.evaluate.stats import mcnemar, mean_ci, paired_bootstrap
 
@@ -87,20 +81,28 @@ def evaluate_classifier(predict: Callable[[list[str]], np.ndarray], rows: list[d
     return result
 
 
-def evaluate_generator(nll: Optional[float], predictions: list[str], references: list[str],
+def evaluate_generator(nll: Optional[tuple[np.ndarray, np.ndarray]], predictions: list[str], references: list[str],
                        baseline_predictions: Optional[list[str]] = None, baseline_metrics: Optional[dict] = None,
                        scorers: Sequence = (), bootstrap: bool = True,
                        regenerate: Optional[Callable[[str], list[str]]] = None) -> dict:
-    """Metrics of generations (and the LM loss when given), with intervals, the
-    paired test against `baseline_predictions` on the same rows, side-by-side
-    samples, and robustness when `regenerate(perturbation) -> predictions` is given."""
+    """Metrics of generations (and the LM loss from per-example (nll sums, token
+    counts) when given), with intervals, the paired test against
+    `baseline_predictions` on the same rows, side-by-side samples, and robustness
+    when `regenerate(perturbation) -> predictions` is given."""
     metrics: dict = {}
+    intervals: dict = {}
     if nll is not None:
-        metrics.update(loss=nll, perplexity=perplexity(nll))
+        sums, counts = nll
+        mean = float(sums.sum() / max(counts.sum(), 1))
+        metrics.update(loss=mean, perplexity=perplexity(mean))
+        if bootstrap:
+            intervals.update(loss_intervals(sums, counts))
     if predictions:
         metrics.update(generation_metrics(predictions, references, scorers))
         if bootstrap:
-            metrics["ci"] = generation_intervals(predictions, references)
+            intervals.update(generation_intervals(predictions, references))
+    if intervals:
+        metrics["ci"] = intervals
     result: dict = {"metrics": metrics, "predictions": predictions}
     if baseline_predictions is not None and predictions:
         base = generation_scores(baseline_predictions, references)

@@ -13,18 +13,19 @@ import numpy as np
 N_BOOT = 1000
 
 
-def bootstrap_ci(metric: Callable[[np.ndarray], float], n: int, n_boot: int = N_BOOT, level: float = 0.95,
-                 seed: int = 0) -> tuple[float, float]:
-    """Percentile interval of `metric(indices)` over resamples of n examples."""
+def bootstrap_many(metrics: Callable[[np.ndarray], dict], n: int, n_boot: int = N_BOOT, level: float = 0.95,
+                   seed: int = 0) -> dict[str, list[float]]:
+    """Percentile intervals of several metrics computed on the same resamples.
+    A metric a resample cannot define (one class left, say) is skipped for it."""
     if n == 0:
-        return (float("nan"), float("nan"))
+        return {}
     rng = np.random.default_rng(seed)
-    stats = np.empty(n_boot)
-    for b in range(n_boot):
-        stats[b] = metric(rng.integers(0, n, size=n))
+    samples: dict[str, list[float]] = {}
+    for _ in range(n_boot):
+        for key, value in metrics(rng.integers(0, n, size=n)).items():
+            samples.setdefault(key, []).append(float(value))
     alpha = (1 - level) / 2
-    lo, hi = np.nanquantile(stats, [alpha, 1 - alpha])
-    return float(lo), float(hi)
+    return {k: [float(x) for x in np.quantile(v, [alpha, 1 - alpha])] for k, v in samples.items()}
 
 
 def mean_ci(values: Sequence[float], **kw) -> tuple[float, float]:

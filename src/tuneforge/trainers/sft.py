@@ -23,7 +23,7 @@ from tuneforge.evaluate.metrics import perplexity
 from tuneforge.evaluate.robustness import perturb_sft
 from tuneforge.evaluate.runner import evaluate_generator
 from tuneforge.evaluate.scorers import build_scorers
-from tuneforge.inference import generate, lm_loss_sum, mean_nll, reference_nll
+from tuneforge.inference import generate, lm_loss_sum, per_example_nll, reference_nll
 from tuneforge.models import load_causal_lm
 from tuneforge.recipe import Recipe
 from tuneforge.trainers import shared
@@ -45,7 +45,7 @@ def score(model, tokenizer, rendered: list[Rendered], gen_rows: list[dict], reci
         prompts = [encode_prompt(tokenizer, m) for m, _ in pairs]
         return generate(model, tokenizer, prompts, recipe.eval.max_new_tokens, bs, device), [r for _, r in pairs]
 
-    nll = mean_nll(model, rendered, tokenizer.pad_token_id, bs, device) if rendered else None
+    nll = per_example_nll(model, rendered, tokenizer.pad_token_id, bs, device) if rendered else None
     predictions, references = generate_for(gen_rows) if gen_rows else ([], [])
     regenerate = None
     if final and recipe.eval.robustness:

@@ -102,8 +102,9 @@ def report(run: Run, recipe: Recipe, result: dict, validation: Optional[dict], b
     console.print(comparison_table(f"{recipe.name}: test split", baseline, test, baseline_name))
     significance = test.get("vs_baseline")
     if significance:
-        tests = significance.values() if "p_value" not in significance else [significance]
-        console.print("paired test vs baseline: " + ", ".join(f"{t['test']} p={t['p_value']:.3g}" for t in tests))
+        tests = {"accuracy": significance} if "p_value" in significance else significance
+        console.print("paired test vs baseline: " + ", ".join(
+            f"{metric} {t['test']} p={t['p_value']:.3g}" for metric, t in tests.items()))
     run.finish()
     from tuneforge.report import write_report
 
