@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP   = $(VENV)/.installed
 DEMO_DATA = demo/iso-dates.jsonl
 
-.PHONY: demo test install clean chromium
+.PHONY: demo test install bench clean chromium
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,10 @@ chromium:
 
 test: $(STAMP) chromium
 	$(PY) -m pytest -q -ra
+
+# tuneforge vs the plain Hugging Face baseline (minutes); writes bench/results/<date>-<host>.json
+bench: $(STAMP)
+	$(PY) bench/bench.py
 
 clean:
 	rm -rf $(VENV) runs demo .pytest_cache

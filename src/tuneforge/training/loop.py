@@ -124,6 +124,7 @@ def fit(model, objective: Objective, cfg: TrainConfig, lr: float, run: Run, devi
                     # The logged loss is the mean over the steps since the last line.
                     elapsed = time.perf_counter() - window_t0
                     record["loss"] = window_loss / window_steps
+                    record["tokens"] = window_tokens
                     record["tokens_per_s"] = window_tokens / elapsed if elapsed > 0 else 0.0
                     window_tokens, window_loss, window_steps, window_t0 = 0, 0.0, 0, time.perf_counter()
                     run.log(record)
