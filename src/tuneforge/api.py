@@ -18,4 +18,12 @@ def train(recipe: Union[str, Path, dict, Recipe], overrides: Optional[list[str]]
         recipe = load_recipe(recipe, overrides)
     if recipe.name is None:
         recipe.name = "run"
-    return get_trainer(recipe.task)(recipe, output=output, resume=resume, device=device, quiet=quiet)
+    from tuneforge.training import distributed
+
+    try:
+        result = get_trainer(recipe.task)(recipe, output=output, resume=resume, device=device, quiet=quiet)
+    except BaseException:
+        distributed.finish(ok=False)
+        raise
+    distributed.finish()
+    return result

@@ -6,6 +6,7 @@ them, so `tuneforge --help` answers at once.
 
 from __future__ import annotations
 
+import os
 import sys
 from enum import Enum
 from importlib import resources
@@ -96,9 +97,12 @@ def train(
     resume: bool = typer.Option(False, "--resume", help="Continue from the last complete checkpoint of the run."),
     device: Optional[Device] = typer.Option(None, "--device", help="Override the recipe's device."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Plain log lines instead of a progress bar."),
+    nproc: int = typer.Option(1, "--nproc", min=1, help="Data-parallel processes on this machine (torchrun)."),
 ) -> None:
     """Fine-tune, evaluate against the baseline, and write the run folder."""
     parsed = _load(recipe, overrides)
+    if nproc > 1 and "WORLD_SIZE" not in os.environ:
+        _launch(recipe, overrides or [], parsed, output, resume, device, quiet, nproc)
     from tuneforge import api
     from tuneforge.data.load import DataError
 
@@ -193,6 +197,19 @@ def export(
     eq = result["equivalence"]
     typer.echo(f"exported {len(result['files'])} files to {result['path']} "
                f"(max |logit diff| vs {eq['reference']}: {eq['max_abs_logit_diff']:.1e})")
+
+
+def _launch(recipe: Path, overrides: List[str], parsed, output, resume, device, quiet, nproc: int) -> None:
+    """Re-run this command under torchrun with one run folder fixed for all ranks."""
+    from tuneforge.run import find_resumable, new_run_dir
+
+    out = str(find_resumable(parsed, output) if resume else new_run_dir(parsed, output))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "tuneforge.cli", "train", str(recipe), *overrides, "--output", out]
+    cmd += ["--resume"] if resume else []
+    cmd += ["--device", device.value] if device else []
+    cmd += ["--quiet"] if quiet else []
+    os.execvp(cmd[0], cmd)
 
 
 class Generator(str, Enum):

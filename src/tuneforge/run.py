@@ -73,9 +73,15 @@ def find_resumable(recipe: Recipe, output: Optional[str]) -> Path:
 class Run:
     """Owns a run folder; every write to it goes through here."""
 
-    def __init__(self, path: Path, recipe: Recipe, resume: bool = False):
+    def __init__(self, path: Path, recipe: Recipe, resume: bool = False, writer: bool = True):
         self.path = Path(path)
         self.recipe = recipe
+        # In data-parallel training every rank has a Run; only rank 0's writes.
+        self.writer = writer
+        if not writer:
+            self.checkpoints = self.path / "checkpoints"
+            self.manifest = {}
+            return
         self.path.mkdir(parents=True, exist_ok=True)
         self.checkpoints = self.path / "checkpoints"
         self.checkpoints.mkdir(exist_ok=True)
@@ -97,6 +103,8 @@ class Run:
         self.save_manifest()
 
     def save_manifest(self) -> None:
+        if not self.writer:
+            return
         atomic_write_json(self.path / "manifest.json", self.manifest)
 
     def update(self, **fields: Any) -> None:
@@ -108,6 +116,8 @@ class Run:
 
     # metrics.jsonl is append-only: a crash loses at most the line being written.
     def log(self, record: dict) -> None:
+        if not self.writer:
+            return
         with open(self.path / "metrics.jsonl", "a", encoding="utf-8") as fh:
             fh.write(json.dumps(record) + "\n")
             fh.flush()
@@ -115,7 +125,7 @@ class Run:
     def truncate_log(self, after_step: int) -> None:
         """On resume, drop lines logged after the checkpoint so steps are not doubled."""
         path = self.path / "metrics.jsonl"
-        if not path.is_file():
+        if not self.writer or not path.is_file():
             return
         kept = []
         for line in path.read_text(encoding="utf-8").splitlines():
@@ -127,6 +137,8 @@ class Run:
         atomic_write_text(path, "".join(x + "\n" for x in kept))
 
     def write_json(self, name: str, obj: Any) -> None:
+        if not self.writer:
+            return
         atomic_write_json(self.path / name, obj)
 
     def read_json(self, name: str) -> Optional[Any]:

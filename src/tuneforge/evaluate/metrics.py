@@ -65,7 +65,11 @@ def classification_metrics(y_true: Sequence[int], probs: np.ndarray, labels: lis
 
 def classification_intervals(y_true: Sequence[int], probs: np.ndarray, labels: list[str]) -> dict:
     """95% bootstrap intervals of every headline classification metric (one set of resamples)."""
-    from sklearn.metrics import average_precision_score, precision_recall_fscore_support, roc_auc_score
+    from sklearn.metrics import (
+        average_precision_score,
+        precision_recall_fscore_support,
+        roc_auc_score,
+    )
 
     y_true = np.asarray(y_true)
     probs = np.asarray(probs, dtype=np.float64)

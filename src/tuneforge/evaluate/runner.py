@@ -10,9 +10,16 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from tuneforge.evaluate.metrics import (classification_intervals, classification_metrics, generation_intervals,
-                                        generation_metrics, generation_scores, loss_intervals, majority_baseline,
-                                        perplexity)
+from tuneforge.evaluate.metrics import (
+    classification_intervals,
+    classification_metrics,
+    generation_intervals,
+    generation_metrics,
+    generation_scores,
+    loss_intervals,
+    majority_baseline,
+    perplexity,
+)
 from tuneforge.evaluate.robustness import PERTURBATIONS, perturb
 from tuneforge.evaluate.stats import mcnemar, mean_ci, paired_bootstrap
 

@@ -27,6 +27,7 @@ from tuneforge.inference import generate, lm_loss_sum, per_example_nll, referenc
 from tuneforge.models import load_causal_lm
 from tuneforge.recipe import Recipe
 from tuneforge.trainers import shared
+from tuneforge.training import distributed
 from tuneforge.training.batching import plan_epoch
 from tuneforge.training.loop import Objective, fit
 
@@ -132,6 +133,8 @@ def train(recipe: Recipe, output: Optional[str] = None, resume: bool = False, de
     # ---- train
     fit(model, objective, recipe.train, recipe.learning_rate, run, dev, resume=resume, quiet=quiet)
 
+    if not distributed.is_main():
+        return {}  # rank 0 saves, evaluates and reports
     # ---- save
     model = shared.save_final_model(model, tokenizer, recipe, run)
 

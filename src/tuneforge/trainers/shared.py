@@ -17,6 +17,7 @@ from tuneforge.methods import METHODS
 from tuneforge.models import count_parameters, pick_device
 from tuneforge.recipe import Recipe
 from tuneforge.run import Run, find_resumable, new_run_dir
+from tuneforge.training import distributed
 
 
 def seed_everything(seed: int) -> None:
@@ -26,11 +27,20 @@ def seed_everything(seed: int) -> None:
 
 
 def open_run(recipe: Recipe, output: Optional[str], resume: bool, device: Optional[str]) -> tuple[Run, torch.device]:
+    dev = distributed.init(pick_device(device or recipe.device))
+    if distributed.active() and output is None:
+        raise ValueError("multi-process training needs --output (tuneforge train --nproc sets it)")
+    if not distributed.is_main():
+        console.quiet = True  # one rank speaks
     path = find_resumable(recipe, output) if resume else new_run_dir(recipe, output)
-    run = Run(path, recipe, resume=resume)
-    dev = pick_device(device or recipe.device)
-    run.update(device=str(dev), tuneforge_version=__version__)
-    console.print(f"run folder: {run.path}  device: {dev}")
+    if distributed.is_main():
+        run = Run(path, recipe, resume=resume)
+        rank, size = distributed.world()
+        run.update(device=str(dev), tuneforge_version=__version__, world_size=size)
+    distributed.barrier()  # the folder exists before the other ranks look at it
+    if not distributed.is_main():
+        run = Run(path, recipe, resume=resume, writer=False)
+    console.print(f"run folder: {run.path}  device: {dev}  processes: {distributed.world()[1]}")
     return run, dev
 
 
@@ -39,13 +49,14 @@ def load_splits(recipe: Recipe, run: Run) -> Splits:
     try:
         splits = prepare_splits(recipe)
     except InvalidRows as exc:
-        write_rejects(run.path / "rejects.jsonl", exc.rejects)
+        if run.writer:
+            write_rejects(run.path / "rejects.jsonl", exc.rejects)
         run.finish("failed: invalid data")
         raise
-    if splits.rejects:
+    if splits.rejects and run.writer:
         write_rejects(run.path / "rejects.jsonl", splits.rejects)
         console.print(f"[yellow]skipped {len(splits.rejects)} malformed row(s); see {run.path / 'rejects.jsonl'}")
-    previous = run.manifest.get("data")
+    previous = run.manifest.get("data") if run.writer else None
     if previous is not None:
         _check_same_data(previous, splits.report)
     run.update(data=splits.report)

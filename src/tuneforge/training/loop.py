@@ -22,6 +22,7 @@ from tuneforge.console import Progress
 from tuneforge.recipe import TrainConfig
 from tuneforge.run import Run
 from tuneforge.training import checkpoint as ckpt
+from tuneforge.training import distributed
 from tuneforge.training.optim import build_optimizer, build_scheduler
 
 # plan(epoch) -> optimizer steps, each a list of micro-batches of example indices.
@@ -86,7 +87,8 @@ def fit(model, objective: Objective, cfg: TrainConfig, lr: float, run: Run, devi
     eval_every = cfg.eval_every or per_epoch
     save_every = cfg.checkpoint_every or eval_every
 
-    progress = Progress(total, quiet, start_step=state.step)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    progress = Progress(total, quiet or not distributed.is_main(), start_step=state.step)
     if last is not None:
         progress.message(f"resumed from {last.name} (epoch {state.epoch}, step {state.step}/{total})")
     model.train()
@@ -95,18 +97,24 @@ def fit(model, objective: Objective, cfg: TrainConfig, lr: float, run: Run, devi
         while state.step < total and not state.stopped_early:
             steps = objective.plan(state.epoch)
             for micro_batches in steps[state.step_in_epoch:]:
+                # The normaliser covers the whole (global) step, so shards summed
+                # across ranks give exactly the one-process gradient.
                 norm = sum(objective.units(mb) for mb in micro_batches)
                 optimizer.zero_grad(set_to_none=True)
-                loss_total = 0.0
+                loss_total, step_tokens = 0.0, 0
                 for mb in micro_batches:
+                    mine = distributed.shard(mb)
+                    if not mine:
+                        continue
                     with autocast(device):
-                        loss, tokens = objective.loss_sum(mb)
+                        loss, tokens = objective.loss_sum(mine)
                     (loss / norm).backward()
                     loss_total += loss.item()
-                    window_tokens += tokens
-                grad_norm = torch.nn.utils.clip_grad_norm_(
-                    [p for p in model.parameters() if p.requires_grad], cfg.max_grad_norm or float("inf")
-                )
+                    step_tokens += tokens
+                distributed.sum_gradients(trainable)
+                loss_total, step_tokens = distributed.sum_values(loss_total, step_tokens, device=device)
+                window_tokens += int(step_tokens)
+                grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm or float("inf"))
                 optimizer.step()
                 scheduler.step()
                 state.step += 1
@@ -144,6 +152,7 @@ def fit(model, objective: Objective, cfg: TrainConfig, lr: float, run: Run, devi
     finally:
         progress.close()
 
+    distributed.barrier()  # rank 0 has finished writing the best weights
     best = run.checkpoints / "best"
     if objective.evaluate is not None and ckpt.is_complete(best):
         info = ckpt.load_weights(best, model)
@@ -164,7 +173,9 @@ def _evaluate(model, objective: Objective, state: LoopState, cfg: TrainConfig, r
     run.log({"step": state.step, "split": "validation", **metrics})
     if _improved(value, state.best_metric, objective.higher_is_better):
         state.best_metric, state.best_step, state.evals_without_improvement = value, state.step, 0
-        ckpt.save_weights(run.checkpoints / "best", model, {"step": state.step, "metric": objective.metric, "value": value})
+        if distributed.is_main():
+            ckpt.save_weights(run.checkpoints / "best", model,
+                              {"step": state.step, "metric": objective.metric, "value": value})
     else:
         state.evals_without_improvement += 1
         if cfg.early_stopping_patience and state.evals_without_improvement >= cfg.early_stopping_patience:
@@ -178,5 +189,8 @@ def _evaluate(model, objective: Objective, state: LoopState, cfg: TrainConfig, r
 
 
 def _save(model, optimizer, scheduler, state: LoopState, cfg: TrainConfig, run: Run) -> None:
-    ckpt.save_checkpoint(run.checkpoints / f"step-{state.step:07d}", model, optimizer, scheduler, asdict(state))
-    ckpt.prune_checkpoints(run.checkpoints, cfg.keep_checkpoints)
+    # Every rank holds identical weights and optimizer state: rank 0 writes once.
+    if distributed.is_main():
+        ckpt.save_checkpoint(run.checkpoints / f"step-{state.step:07d}", model, optimizer, scheduler, asdict(state))
+        ckpt.prune_checkpoints(run.checkpoints, cfg.keep_checkpoints)
+    distributed.barrier()
