@@ -78,3 +78,23 @@ def test_export_refuses_weights_that_do_not_match_base_plus_adapter(lora_runs, t
         assert not (tmp_path / "bad").exists()
     finally:
         save_file(backup, str(weights))
+
+
+def test_eval_accepts_an_exported_folder_and_base_plus_adapter(lora_runs, tmp_path, sentiment_rows):
+    from tuneforge.datagen import iso_dates
+    from tuneforge.evaluate.target import evaluate_target
+
+    from conftest import write_jsonl
+
+    export_run(lora_runs["classification"], tmp_path / "cls")
+    data = write_csv(tmp_path / "s.csv", sentiment_rows[:20])
+    out = evaluate_target(str(tmp_path / "cls"), data=str(data), output=str(tmp_path / "ev1"))
+    result = json.loads((out / "eval.json").read_text())
+    assert result["metrics"]["n"] == 20 and "ci" in result["metrics"]
+
+    dates = write_jsonl(tmp_path / "d.jsonl", iso_dates(6, seed=9))
+    out = evaluate_target("tiny-llama", data=str(dates), adapter=str(lora_runs["sft"] / "model" / "adapter"),
+                          output=str(tmp_path / "ev2"))
+    result = json.loads((out / "eval.json").read_text())
+    assert result["baseline"] is not None  # base + adapter is compared with the base alone
+    assert "vs_baseline" in result["metrics"] and len(result["samples"]) == 6
