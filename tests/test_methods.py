@@ -181,3 +181,11 @@ def test_decoder_classifier_trains(tmp_path, data_for):
     out, metrics = _train(tmp_path, "classification", "lora", data_for["classification"], model="tiny-llama")
     assert metrics["test"]["n"] == 24
     assert (out / "model" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_gradient_checkpointing_gives_the_same_training(tmp_path, data_for):
+    runs = [_train(tmp_path / str(flag), "sft", "lora", data_for["sft"], train={"gradient_checkpointing": flag})[0]
+            for flag in (False, True)]
+    a, b = (load_file(str(r / "model" / "adapter" / "adapter_model.safetensors")) for r in runs)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5)

@@ -152,6 +152,9 @@ class TrainConfig(Section):
     )
     keep_checkpoints: int = Field(2, ge=1, description="Resumable checkpoints kept on disk (the best one is kept apart).")
     log_every: int = Field(10, ge=1, description="Write a metrics.jsonl line every N optimizer steps.")
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute layer activations in the backward pass: far less memory, ~30% more compute."
+    )
     group_by_length: bool = Field(
         True, description="Batch examples of similar length together to waste less compute on padding."
     )

@@ -82,6 +82,11 @@ def _check_same_data(previous: dict, current: dict) -> None:
 
 def apply_method(model, recipe: Recipe):
     model = METHODS[recipe.method.name].prepare(model, recipe.method, recipe.task)
+    if recipe.train.gradient_checkpointing:
+        inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+        # Non-reentrant checkpointing needs no grad-requiring input, so frozen
+        # embeddings (LoRA, freeze) work as they are.
+        inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     trainable, total = count_parameters(model)
     console.print(
         f"method {recipe.method.name}: {trainable:,} trainable of {total:,} parameters "
