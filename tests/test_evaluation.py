@@ -225,3 +225,18 @@ def test_zero_shot_probs_are_normalised_label_likelihoods():
     expected = np.exp(logps) / np.exp(logps).sum()
     assert np.allclose(probs[0], expected, atol=1e-4)
     assert catalog.CATALOG["smollm2-135m-instruct"].tasks == ("sft", "classification")
+
+
+def test_eval_of_a_run_whose_data_went_bad_names_file_and_line(trained_run, tmp_path):
+    from tuneforge.data.prepare import InvalidRows
+    from tuneforge.evaluate.target import evaluate_target
+
+    recipe = yaml.safe_load((trained_run / "recipe.yaml").read_text())
+    data = tmp_path / "bad.csv"
+    data.write_text("text,label\ngood one,pos\n,neg\n")
+    recipe["data"]["train"] = str(data)
+    run = tmp_path / "copy"
+    shutil.copytree(trained_run, run)
+    (run / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    with pytest.raises(InvalidRows, match=r"bad.csv:3: empty text"):
+        evaluate_target(str(run), output=str(tmp_path / "ev"))

@@ -1,8 +1,9 @@
 import numpy as np
 import pytest
-from sklearn.metrics import f1_score, precision_score, recall_score, roc_auc_score
+from sklearn.metrics import average_precision_score, f1_score, precision_score, recall_score, roc_auc_score
 
 from tuneforge.evaluate.metrics import (
+    classification_intervals,
     classification_metrics,
     generation_metrics,
     majority_baseline,
@@ -22,6 +23,10 @@ def test_multiclass_metrics_match_sklearn():
     assert m["precision_macro"] == pytest.approx(precision_score(y, pred, average="macro"))
     assert m["recall_macro"] == pytest.approx(recall_score(y, pred, average="macro"))
     assert m["roc_auc"] == pytest.approx(roc_auc_score(y, probs, multi_class="ovr"))
+    assert m["pr_auc"] == pytest.approx(average_precision_score(np.eye(3)[y], probs, average="macro"))
+    intervals = classification_intervals(y, probs, ["a", "b", "c"])
+    for key in ("accuracy", "precision_macro", "recall_macro", "f1_macro", "roc_auc", "pr_auc"):
+        assert intervals[key][0] <= m[key] <= intervals[key][1], key
     assert np.array(m["confusion_matrix"]["matrix"]).sum() == 200
     assert sum(c["support"] for c in m["per_class"].values()) == 200
 

@@ -11,47 +11,47 @@ import numpy as np
 from tuneforge.evaluate.stats import bootstrap_many, expected_calibration_error, mean_ci
 
 
-def classification_metrics(y_true: Sequence[int], probs: np.ndarray, labels: list[str]) -> dict:
-    """Headline metrics, per-class table, confusion matrix and calibration.
+def _headline(y_true: np.ndarray, y_pred: np.ndarray, probs: np.ndarray, n_labels: int) -> dict:
+    """Accuracy, macro P/R/F1, ROC-AUC and PR-AUC (one-vs-rest macro for several
+    classes). The AUCs are None when the rows hold too few classes to define them."""
+    from sklearn.metrics import average_precision_score, precision_recall_fscore_support, roc_auc_score
 
-    `probs` is [n, n_labels]; predictions are its argmax. ROC-AUC and PR-AUC are
-    one-vs-rest (macro) for several classes, and None when the split holds a
-    single class. Calibration: expected calibration error of the top-class
-    confidence over 15 bins, with the reliability-diagram table.
+    ids = list(range(n_labels))
+    p, r, f, _ = precision_recall_fscore_support(y_true, y_pred, labels=ids, average="macro", zero_division=0)
+    out = {"accuracy": float(np.mean(y_true == y_pred)), "precision_macro": float(p), "recall_macro": float(r),
+           "f1_macro": float(f), "roc_auc": None, "pr_auc": None}
+    present = len(np.unique(y_true))
+    if n_labels == 2 and present == 2:
+        out["roc_auc"] = float(roc_auc_score(y_true, probs[:, 1]))
+        out["pr_auc"] = float(average_precision_score(y_true, probs[:, 1]))
+    elif n_labels > 2 and present == n_labels:
+        out["roc_auc"] = float(roc_auc_score(y_true, probs, multi_class="ovr", average="macro", labels=ids))
+        out["pr_auc"] = float(average_precision_score(np.eye(n_labels)[y_true], probs, average="macro"))
+    return out
+
+
+def classification_metrics(y_true: Sequence[int], probs: np.ndarray, labels: list[str]) -> dict:
+    """Headline metrics, weighted averages, per-class table, confusion matrix and calibration.
+
+    `probs` is [n, n_labels]; predictions are its argmax. Calibration: expected
+    calibration error of the top-class confidence over 15 bins, with the
+    reliability-diagram table.
     """
-    from sklearn.metrics import (
-        accuracy_score,
-        average_precision_score,
-        confusion_matrix,
-        precision_recall_fscore_support,
-        roc_auc_score,
-    )
+    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
     y_true = np.asarray(y_true)
     probs = np.asarray(probs, dtype=np.float64)
     y_pred = probs.argmax(axis=1)
     ids = list(range(len(labels)))
-    averaged = {}
-    for avg in ("macro", "weighted"):
-        p, r, f, _ = precision_recall_fscore_support(y_true, y_pred, labels=ids, average=avg, zero_division=0)
-        averaged.update({f"precision_{avg}": float(p), f"recall_{avg}": float(r), f"f1_{avg}": float(f)})
+    headline = _headline(y_true, y_pred, probs, len(labels))
+    p, r, f, _ = precision_recall_fscore_support(y_true, y_pred, labels=ids, average="weighted", zero_division=0)
     pc, rc, fc, sc = precision_recall_fscore_support(y_true, y_pred, labels=ids, average=None, zero_division=0)
-    roc = pr = None
-    present = np.unique(y_true)
-    if len(present) > 1:
-        if len(labels) == 2:
-            roc = float(roc_auc_score(y_true, probs[:, 1]))
-            pr = float(average_precision_score(y_true, probs[:, 1]))
-        elif len(present) == len(labels):
-            roc = float(roc_auc_score(y_true, probs, multi_class="ovr", average="macro", labels=ids))
-            onehot = np.eye(len(labels))[y_true]
-            pr = float(average_precision_score(onehot, probs, average="macro"))
     ece, reliability = expected_calibration_error(probs.max(axis=1), y_pred == y_true)
     return {
-        "accuracy": float(accuracy_score(y_true, y_pred)),
-        **averaged,
-        "roc_auc": roc,
-        "pr_auc": pr,
+        **{k: headline[k] for k in ("accuracy", "precision_macro", "recall_macro", "f1_macro")},
+        "precision_weighted": float(p), "recall_weighted": float(r), "f1_weighted": float(f),
+        "roc_auc": headline["roc_auc"],
+        "pr_auc": headline["pr_auc"],
         "ece": ece,
         "n": int(len(y_true)),
         "per_class": {
@@ -65,28 +65,13 @@ def classification_metrics(y_true: Sequence[int], probs: np.ndarray, labels: lis
 
 def classification_intervals(y_true: Sequence[int], probs: np.ndarray, labels: list[str]) -> dict:
     """95% bootstrap intervals of every headline classification metric (one set of resamples)."""
-    from sklearn.metrics import (
-        average_precision_score,
-        precision_recall_fscore_support,
-        roc_auc_score,
-    )
-
     y_true = np.asarray(y_true)
     probs = np.asarray(probs, dtype=np.float64)
     y_pred = probs.argmax(axis=1)
-    ids = list(range(len(labels)))
-    binary = len(labels) == 2
 
     def headline(i: np.ndarray) -> dict:
-        t, pr = y_true[i], y_pred[i]
-        p, r, f, _ = precision_recall_fscore_support(t, pr, labels=ids, average="macro", zero_division=0)
-        out = {"accuracy": float(np.mean(t == pr)), "precision_macro": p, "recall_macro": r, "f1_macro": f}
-        if binary and len(np.unique(t)) == 2:
-            out["roc_auc"] = roc_auc_score(t, probs[i, 1])
-            out["pr_auc"] = average_precision_score(t, probs[i, 1])
-        elif not binary and len(np.unique(t)) == len(labels):
-            out["roc_auc"] = roc_auc_score(t, probs[i], multi_class="ovr", labels=ids)
-        return out
+        out = _headline(y_true[i], y_pred[i], probs[i], len(labels))
+        return {k: v for k, v in out.items() if v is not None}
 
     return bootstrap_many(headline, len(y_true), n_boot=300)
 

@@ -51,17 +51,19 @@ def resolve_target(target: str, data: Optional[str], overrides: list[str]) -> tu
 
 def _rows(recipe: Recipe, data: Optional[str], split: str, labels: Optional[list[str]]):
     """Rows to score, and the training labels for the majority baseline (or None)."""
-    train_rows = None
-    try:
-        splits = prepare_splits(recipe) if data is None or Path(recipe.data.train).is_file() else None
-    except (DataError, FileNotFoundError):
-        splits = None
-    if splits is not None:
-        train_rows = splits.train
     if data is None:
-        if splits is None:
-            raise DataError(f"the run's data ({recipe.data.train}) cannot be read; pass --data FILE")
-        return getattr(splits, split), train_rows
+        # The run's own split: its data must still read cleanly, and any problem
+        # is reported as it is (file:line), not hidden.
+        if not Path(recipe.data.train).is_file():
+            raise DataError(f"the run's data ({recipe.data.train}) is gone; pass --data FILE")
+        splits = prepare_splits(recipe)
+        return getattr(splits, split), splits.train
+    train_rows = None
+    if Path(recipe.data.train).is_file() and Path(recipe.data.train) != Path(data).resolve():
+        try:  # only for the majority baseline: without it the baseline is skipped
+            train_rows = prepare_splits(recipe).train
+        except DataError:
+            train_rows = None
     loaded = load_file(data, recipe.task, recipe.data, set(labels) if labels else None)
     if loaded.rejects and recipe.data.on_invalid == "error":
         raise InvalidRows(loaded.rejects)
