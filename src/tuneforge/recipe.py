@@ -68,6 +68,10 @@ class DataConfig(Section):
         (0.7, 0.15, 0.15), description="train/validation/test fractions used when splits are carved out of train."
     )
     dedup: bool = Field(True, description="Drop exact duplicates before splitting so no example sits in two splits.")
+    keep_columns: list[str] = Field(
+        default_factory=list, description="Extra columns carried through with every example (e.g. a demographic "
+        "group column for fairness audits and reweighing). A row missing one is malformed.",
+    )
     max_rows: Optional[int] = Field(
         None, ge=1, description="Use a seeded random subset of at most this many training rows (quick runs)."
     )

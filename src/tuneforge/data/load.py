@@ -272,7 +272,19 @@ def _template_fields(template: str) -> list[str]:
 
 
 def to_example(record: dict, task: str, cfg) -> tuple[Optional[dict], Optional[str]]:
-    """Map a raw record to the task's fields, or say why it cannot be used."""
+    """Map a raw record to the task's fields plus data.keep_columns, or say why it cannot be used."""
+    example, err = _task_fields(record, task, cfg)
+    if err:
+        return None, err
+    for name in getattr(cfg, "keep_columns", None) or []:
+        value = record.get(name)
+        if value is None or (isinstance(value, str) and not value.strip()):
+            return None, f"missing or empty field '{name}' (listed in data.keep_columns)"
+        example[name] = value if isinstance(value, (str, int, float, bool)) else json.dumps(value)
+    return example, None
+
+
+def _task_fields(record: dict, task: str, cfg) -> tuple[Optional[dict], Optional[str]]:
     if task == "classification":
         text, err = _text(record, cfg.text_column)
         if err:
@@ -308,6 +320,10 @@ def to_example(record: dict, task: str, cfg) -> tuple[Optional[dict], Optional[s
 
 
 def _columns_needed(task: str, cfg) -> list[str]:
+    return _task_columns(task, cfg) + list(getattr(cfg, "keep_columns", None) or [])
+
+
+def _task_columns(task: str, cfg) -> list[str]:
     if task == "classification":
         return [cfg.text_column, cfg.label_column]
     if cfg.messages_column:

@@ -39,12 +39,20 @@ def train(recipe: Recipe, output: Optional[str] = None, resume: bool = False, de
     targets = {name: [label_id[r["label"]] for r in rows]
                for name, rows in (("train", splits.train), ("validation", splits.validation), ("test", splits.test))}
     train_ids, train_y = encoded["train"], torch.tensor(targets["train"])
+    # Per-example loss weights (class balancing, fairness reweighing) ride on the rows;
+    # None keeps the plain mean so unweighted runs stay bit-identical.
+    weights = (torch.tensor([float(r.get("weight", 1.0)) for r in splits.train])
+               if any("weight" in r for r in splits.train) else None)
     lengths = [len(x) for x in train_ids]
     eval_bs = recipe.train.eval_batch_size or 2 * recipe.train.batch_size
 
     def loss_sum(batch: list[int]) -> tuple[torch.Tensor, int]:
         logits = model(**collate([train_ids[i] for i in batch], pad_id, dev)).logits
-        loss = F.cross_entropy(logits.float(), train_y[batch].to(dev), reduction="sum")
+        if weights is None:
+            loss = F.cross_entropy(logits.float(), train_y[batch].to(dev), reduction="sum")
+        else:
+            per_example = F.cross_entropy(logits.float(), train_y[batch].to(dev), reduction="none")
+            loss = (per_example * weights[batch].to(dev)).sum()
         return loss, sum(lengths[i] for i in batch)
 
     def evaluate() -> dict:
