@@ -189,3 +189,35 @@ def test_gradient_checkpointing_gives_the_same_training(tmp_path, data_for):
     a, b = (load_file(str(r / "model" / "adapter" / "adapter_model.safetensors")) for r in runs)
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5)
+
+
+def test_packed_loss_equals_padded_loss_and_keeps_examples_apart():
+    """Padding-free packing gives the padded per-example losses exactly, and
+    changing one example leaves its row-mates' losses untouched."""
+    import random
+
+    from tuneforge import inference
+    from tuneforge.data.render import IGNORE, Rendered
+    from tuneforge.models import load_causal_lm
+    from tuneforge.training.batching import pack_rows
+
+    assert pack_rows([5, 40, 12, 7, 33, 20, 9], 40) == [[1], [3, 4], [0, 2, 5], [6]]  # first-fit decreasing
+    model, tok, _ = load_causal_lm("tiny-llama")
+    rng = random.Random(0)
+    examples = []
+    for n in [5, 40, 12, 7, 33, 20, 9]:
+        ids = [rng.randrange(3, 200) for _ in range(n)]
+        examples.append(Rendered(ids, [IGNORE] * (n // 2) + ids[n // 2:], False))
+    cpu = torch.device("cpu")
+    assert inference.supports_packing(model)
+    packed, tokens = inference.sequence_nll(model, examples, tok.pad_token_id, cpu)
+    model._tuneforge_packing = False
+    padded, tokens_padded = inference.sequence_nll(model, examples, tok.pad_token_id, cpu)
+    assert tokens == tokens_padded == 126
+    assert torch.allclose(packed, padded, atol=1e-4)
+    model._tuneforge_packing = True
+    changed = list(examples)
+    changed[3] = Rendered([9] * 7, [9] * 7, False)  # shares a row with example 4
+    again, _ = inference.sequence_nll(model, changed, tok.pad_token_id, cpu)
+    keep = [0, 1, 2, 4, 5, 6]
+    assert torch.allclose(again[keep], packed[keep], atol=1e-5) and not torch.allclose(again[3], packed[3])

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from tuneforge.data.render import IGNORE, Rendered
-from tuneforge.training.batching import attention_mask, eval_batches, pad
+from tuneforge.training.batching import attention_mask, eval_batches, pack_rows, pad
 
 
 def encode(tokenizer, texts: list[str], max_length: int) -> list[list[int]]:
@@ -40,7 +40,10 @@ def sequence_nll(model, examples: list[Rendered], pad_id: int, device: torch.dev
 
     The head runs on supervised positions alone: prompt tokens carry no loss, so
     projecting them onto the vocabulary (the largest matmul of a small LM) is waste.
+    Short examples share rows (padding-free packing) when the model supports it.
     """
+    if len(examples) > 1 and supports_packing(model):
+        return _packed_nll(model, examples, pad_id, device)
     body, head = split_lm(model)
     ids = pad([e.input_ids for e in examples], pad_id).to(device)
     mask = attention_mask([e.input_ids for e in examples]).to(device)
@@ -53,6 +56,74 @@ def sequence_nll(model, examples: list[Rendered], pad_id: int, device: torch.dev
     rows = chosen.nonzero()[:, 0]
     per_sequence = torch.zeros(len(examples), device=nll.device, dtype=nll.dtype).index_add(0, rows, nll)
     return per_sequence, int(mask.sum())
+
+
+def _packed_rows(examples: list[Rendered], pad_id: int):
+    """Examples packed into rows no wider than the longest one (so never more
+    memory than padding), position ids restarting per example; targets are
+    shifted per example so no token predicts its neighbour's first token."""
+    lengths = [len(e.input_ids) for e in examples]
+    width = max(lengths)
+    ids, pos, tgt, owner = [], [], [], []
+    for row in pack_rows(lengths, width):
+        r_ids, r_pos, r_tgt, r_own = [], [], [], []
+        for i in row:
+            e = examples[i]
+            r_ids += e.input_ids
+            r_pos += range(len(e.input_ids))
+            r_tgt += e.labels[1:] + [IGNORE]
+            r_own += [i] * len(e.input_ids)
+        fill = width - len(r_ids)
+        # Padding continues as one more "sequence" of its own: its positions start
+        # at 0 so it is masked off from the real examples, and it carries no loss.
+        ids.append(r_ids + [pad_id] * fill)
+        pos.append(r_pos + list(range(fill)))
+        tgt.append(r_tgt + [IGNORE] * fill)
+        owner.append(r_own + [-1] * fill)
+    as_tensor = lambda x: torch.tensor(x, dtype=torch.long)  # noqa: E731
+    return as_tensor(ids), as_tensor(pos), as_tensor(tgt), as_tensor(owner)
+
+
+def _packed_nll(model, examples: list[Rendered], pad_id: int, device: torch.device) -> tuple[torch.Tensor, int]:
+    body, head = split_lm(model)
+    ids, pos, targets, owner = (t.to(device) for t in _packed_rows(examples, pad_id))
+    # No attention mask and no KV cache: transformers then derives a block-diagonal
+    # causal mask from the restarting position ids, so attention never crosses
+    # examples (a cache object switches that detection off).
+    hidden = body(input_ids=ids, position_ids=pos, use_cache=False).last_hidden_state
+    chosen = targets != IGNORE
+    nll = F.cross_entropy(head(hidden[chosen]).float(), targets[chosen], reduction="none")
+    per_sequence = torch.zeros(len(examples), device=nll.device, dtype=nll.dtype).index_add(0, owner[chosen], nll)
+    return per_sequence, sum(len(e.input_ids) for e in examples)
+
+
+def supports_packing(model) -> bool:
+    """Whether this model keeps packed examples apart: checked once per model by
+    comparing a packed forward pass with separate ones (models whose attention
+    ignores restarting position ids would silently mix examples)."""
+    cached = getattr(model, "_tuneforge_packing", None)
+    if cached is not None:
+        return cached
+    body, _ = split_lm(model)
+    try:
+        device = next(model.parameters()).device
+        a, b = [3, 5, 7, 11, 13], [17, 19, 23]
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            packed = body(input_ids=torch.tensor([a + b], device=device),
+                          position_ids=torch.tensor([list(range(5)) + list(range(3))], device=device),
+                          use_cache=False).last_hidden_state
+            alone = body(input_ids=torch.tensor([b], device=device)).last_hidden_state
+        model.train(was_training)
+        ok = bool(torch.allclose(packed[0, 5:].float(), alone[0].float(), atol=1e-3, rtol=1e-3))
+    except Exception:  # an architecture without position_ids support: fall back to padding
+        ok = False
+    try:
+        model._tuneforge_packing = ok
+    except Exception:
+        pass
+    return ok
 
 
 def lm_loss_sum(model, examples: list[Rendered], pad_id: int, device: torch.device) -> tuple[torch.Tensor, int]:
