@@ -80,8 +80,7 @@ def _packed_rows(examples: list[Rendered], pad_id: int):
         pos.append(r_pos + list(range(fill)))
         tgt.append(r_tgt + [IGNORE] * fill)
         owner.append(r_own + [-1] * fill)
-    as_tensor = lambda x: torch.tensor(x, dtype=torch.long)  # noqa: E731
-    return as_tensor(ids), as_tensor(pos), as_tensor(tgt), as_tensor(owner)
+    return tuple(torch.tensor(x, dtype=torch.long) for x in (ids, pos, tgt, owner))
 
 
 def _packed_nll(model, examples: list[Rendered], pad_id: int, device: torch.device) -> tuple[torch.Tensor, int]:
@@ -117,12 +116,9 @@ def supports_packing(model) -> bool:
             alone = body(input_ids=torch.tensor([b], device=device)).last_hidden_state
         model.train(was_training)
         ok = bool(torch.allclose(packed[0, 5:].float(), alone[0].float(), atol=1e-3, rtol=1e-3))
-    except Exception:  # an architecture without position_ids support: fall back to padding
+    except (TypeError, ValueError, RuntimeError):  # no position_ids support: fall back to padding
         ok = False
-    try:
-        model._tuneforge_packing = ok
-    except Exception:
-        pass
+    model._tuneforge_packing = ok
     return ok
 
 

@@ -31,6 +31,52 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class CleanConfig(Section):
+    nfkc: bool = Field(True, description="Unicode NFKC normalisation (full-width forms, ligatures, compatibility characters).")
+    whitespace: bool = Field(
+        True, description="Collapse runs of spaces/tabs, strip line ends, squeeze 3+ newlines to 2, trim the text.")
+    strip_html: bool = Field(False, description="Remove HTML tags and unescape entities (&amp; -> &).")
+    urls: Literal["keep", "remove", "mask"] = Field(
+        "keep", description="URLs: keep them, remove them, or replace them with <URL>.")
+    lowercase: bool = Field(False, description="Lower-case every text (off by default: case carries meaning).")
+    min_chars: Optional[int] = Field(
+        None, ge=1, description="Drop rows whose (cleaned) text is shorter than this many characters.")
+    max_chars: Optional[int] = Field(
+        None, ge=1, description="Drop rows whose (cleaned) text is longer than this many characters.")
+
+
+class PiiConfig(Section):
+    email: Literal["keep", "remove", "mask"] = Field(
+        "keep", description="E-mail addresses: keep, remove, or mask as <EMAIL>.")
+    phone: Literal["keep", "remove", "mask"] = Field(
+        "keep", description="Phone numbers (9-15 digits, not dates): keep, remove, or mask as <PHONE>.")
+    card: Literal["keep", "remove", "mask"] = Field(
+        "keep", description="Payment card numbers (13-19 digits passing the Luhn check): keep, remove, or mask as <CARD>.")
+    ip: Literal["keep", "remove", "mask"] = Field(
+        "keep", description="IPv4 addresses (every octet <= 255): keep, remove, or mask as <IP>.")
+
+
+class NearDupConfig(Section):
+    enabled: bool = Field(
+        False, description="Remove near-duplicates (MinHash LSH) inside each split, and training rows that "
+        "near-duplicate a validation/test row (contamination). `data inspect` reports them either way.")
+    threshold: float = Field(0.8, gt=0, lt=1, description="Estimated Jaccard similarity at or above which two rows are near-duplicates.")
+    shingle: Literal["char", "word"] = Field(
+        "char", description="Shingles: character n-grams (language-agnostic, robust on short texts) or word n-grams.")
+    ngram: int = Field(5, ge=1, le=32, description="Shingle length (characters or words).")
+    num_perm: int = Field(128, ge=16, le=1024, description="MinHash permutations (more: finer estimates, slower).")
+
+
+class AugmentConfig(Section):
+    counterfactual: bool = Field(
+        False, description="Add a demographic-term-swapped copy of every training row that contains a listed term "
+        "(label unchanged; copies never enter validation/test).")
+    lexicons: Optional[list[str]] = Field(
+        None, description="Which term lists to swap with (e.g. [gender]); default: every list loaded.")
+    extra_terms: list[str] = Field(
+        default_factory=list, description="Extra term-list YAML files, added to the lists shipped with tuneforge.")
+
+
 class DataConfig(Section):
     train: str = Field(description="Training data file (CSV, TSV, JSON, JSONL or Parquet).")
     validation: Optional[str] = Field(
@@ -79,6 +125,29 @@ class DataConfig(Section):
         "error", description="Malformed rows: 'error' stops before training and lists them all; "
         "'skip' drops them and writes rejects.jsonl.",
     )
+    kind: Literal["auto", "classification", "pair", "prompt_response", "chat", "text", "preference"] = Field(
+        "auto", description="Data shape: classification (text + label), pair (text + text_pair + label), "
+        "prompt_response (incl. Alpaca instruction/input/output), chat (OpenAI messages or ShareGPT conversations), "
+        "text (raw text for continued pre-training, chunked into max_length blocks), preference "
+        "(prompt/chosen/rejected or HH-RLHF transcripts). 'auto' detects it from the columns and says so.",
+    )
+    text_pair_column: str = Field("text_pair", description="Pair classification: column holding the second text.")
+    chosen_column: str = Field("chosen", description="Preference data: column holding the preferred response.")
+    rejected_column: str = Field("rejected", description="Preference data: column holding the rejected response.")
+    clean: CleanConfig = Field(default_factory=CleanConfig, description="Text cleaning applied to every split.")
+    pii: PiiConfig = Field(default_factory=PiiConfig, description="Personal data: what to do with each kind.")
+    near_dup: NearDupConfig = Field(default_factory=NearDupConfig, description="Near-duplicate and contamination removal.")
+    balance: Literal["none", "class_weights", "oversample", "undersample"] = Field(
+        "none", description="Classification, train split only: class_weights sets a per-row loss weight n/(k*n_c); "
+        "oversample repeats minority rows, undersample drops majority rows (seeded) until classes are equal.",
+    )
+    augment: AugmentConfig = Field(default_factory=AugmentConfig, description="Training-data augmentation.")
+    review_decisions: Optional[str] = Field(
+        None, description="Decisions JSON written by `tuneforge data review apply` (keep/drop/relabel by file:line); "
+        "applied right after loading.",
+    )
+    cache: bool = Field(True, description="Reuse prepared data when inputs and settings are unchanged "
+                        "(content-hash key; under TUNEFORGE_HOME/prepared).")
 
     @field_validator("split")
     @classmethod
@@ -87,7 +156,7 @@ class DataConfig(Section):
             raise ValueError(f"split fractions must be >= 0 and sum to 1, got {list(v)}")
         return v
 
-    @field_validator("train", "validation", "test")
+    @field_validator("train", "validation", "test", "review_decisions")
     @classmethod
     def _file_exists(cls, v, info: ValidationInfo):
         check = (info.context or {}).get("check_files", True)
@@ -206,6 +275,60 @@ class EvalConfig(Section):
     )
 
 
+class FairnessThresholds(Section):
+    demographic_parity_difference: Optional[float] = Field(
+        None, ge=0, le=1, description="Fail the audit when selection rates of two groups differ by more than this.")
+    demographic_parity_ratio_min: Optional[float] = Field(
+        None, ge=0, le=1, description="Fail when the lowest group selection rate / the highest is below this "
+        "(0.8 = the four-fifths rule).")
+    equalized_odds_difference: Optional[float] = Field(
+        None, ge=0, le=1, description="Fail when true or false positive rates of two groups differ by more than this.")
+    equal_opportunity_difference: Optional[float] = Field(
+        None, ge=0, le=1, description="Fail when true positive rates of two groups differ by more than this.")
+    counterfactual_flip_rate: Optional[float] = Field(
+        None, ge=0, le=1, description="Fail when more than this share of predictions flip when demographic "
+        "terms are swapped.")
+
+
+class FairnessConfig(Section):
+    groups: list[str] = Field(
+        default_factory=list, description="Group columns for audits and mitigations (also list them in "
+        "data.keep_columns). Empty: groups are detected from the text with the first of `lexicons`.")
+    lexicons: list[str] = Field(
+        default_factory=lambda: ["gender"], description="Term lists for counterfactual probes and augmentation, "
+        "and for detecting groups from text when `groups` is empty.")
+    lexicon_files: list[str] = Field(
+        default_factory=list, description="Extra term-list YAML files (same shape as templates/terms/gender.yaml).")
+    audit: bool = Field(
+        False, description="Audit the test split by group at the end of training even without mitigations "
+        "(on whenever `groups` or a mitigation is set).")
+    positive_label: Optional[str] = Field(
+        None, description="The label selection rate / TPR / FPR are about. Default: the second label in id "
+        "order; multi-class tasks use it one-vs-rest.")
+    thresholds: FairnessThresholds = Field(
+        default_factory=FairnessThresholds, description="The release gate: `tuneforge audit` exits 4 when one is crossed.")
+    min_group_share: float = Field(
+        0.10, ge=0, le=1, description="Warn before training when a group has less than this share of the rows.")
+    min_group_rows: int = Field(30, ge=0, description="Warn before training when a group has fewer rows than this.")
+    bootstrap: int = Field(1000, ge=0, description="Bootstrap resamples for the intervals (0: none).")
+    reweighing: bool = Field(
+        False, description="Mitigation: weight each training row by P(group)P(label)/P(group, label).")
+    counterfactual_augmentation: bool = Field(
+        False, description="Mitigation: add a term-swapped copy of each training row that mentions a group term.")
+    postprocess: Literal["none", "equalized_odds", "equal_opportunity"] = Field(
+        "none", description="Mitigation: group-specific thresholds (Fairlearn ThresholdOptimizer) fitted on "
+        "validation, saved as model/fairness_postprocess.json and applied at inference.")
+    inprocessing: Literal["none", "eo_penalty", "dp_penalty"] = Field(
+        "none", description="Mitigation: add a penalty on gaps in mean positive-class probability between groups "
+        "in each batch: per true label (eo_penalty) or overall (dp_penalty).")
+    penalty_weight: float = Field(1.0, ge=0, description="Weight of the in-processing penalty in the loss.")
+
+    @property
+    def active(self) -> bool:
+        return bool(self.groups or self.audit or self.reweighing or self.counterfactual_augmentation
+                    or self.postprocess != "none" or self.inprocessing != "none")
+
+
 class Recipe(Section):
     name: Optional[str] = Field(None, description="Run name; default: the recipe file name.")
     model: str = Field(description="A catalogue name (see `tuneforge models`), a local HF folder, or a hub id.")
@@ -215,6 +338,8 @@ class Recipe(Section):
     method: MethodConfig = Field(default_factory=MethodConfig, description="How the model is adapted.")
     train: TrainConfig = Field(default_factory=TrainConfig, description="Optimisation settings.")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation settings.")
+    fairness: FairnessConfig = Field(
+        default_factory=FairnessConfig, description="Bias audit by group, the release gate, and mitigations.")
 
     @field_validator("model")
     @classmethod
@@ -322,7 +447,7 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
     return parsed
 
 
-_PATH_KEYS = ("train", "validation", "test")
+_PATH_KEYS = ("train", "validation", "test", "review_decisions")
 
 
 _PATHS = [("data", key) for key in _PATH_KEYS] + [("eval", "reference_text")]

@@ -20,6 +20,8 @@ csv.field_size_limit(1 << 26)
 SUFFIX_FORMATS = {".csv": "csv", ".tsv": "tsv", ".txt": "tsv", ".json": "json", ".jsonl": "jsonl",
                   ".ndjson": "jsonl", ".parquet": "parquet", ".pq": "parquet"}
 ROLES = ("system", "user", "assistant")
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "bot": "assistant",
+                  "chatgpt": "assistant", "system": "system"}
 
 
 class DataError(Exception):
@@ -253,8 +255,11 @@ def _messages(record: dict, key: str) -> tuple[Optional[list], Optional[str]]:
         return None, f"field '{key}' must be a non-empty list of {{role, content}} messages"
     out = []
     for i, msg in enumerate(value):
+        if isinstance(msg, dict) and "from" in msg and "value" in msg and "role" not in msg:
+            # ShareGPT: {from: human|gpt|system, value}
+            msg = {"role": SHAREGPT_ROLES.get(msg["from"], msg["from"]), "content": msg["value"]}
         if not isinstance(msg, dict) or "role" not in msg or "content" not in msg:
-            return None, f"message {i} must be an object with 'role' and 'content'"
+            return None, f"message {i} must be an object with 'role' and 'content' (or ShareGPT 'from' and 'value')"
         if msg["role"] not in ROLES:
             return None, f"message {i} has unknown role {msg['role']!r} (allowed: {', '.join(ROLES)})"
         if not isinstance(msg["content"], str) or not msg["content"].strip():
@@ -285,6 +290,10 @@ def to_example(record: dict, task: str, cfg) -> tuple[Optional[dict], Optional[s
 
 
 def _task_fields(record: dict, task: str, cfg) -> tuple[Optional[dict], Optional[str]]:
+    if task in ("pair", "text", "preference"):
+        from tuneforge.data.formats import kind_fields
+
+        return kind_fields(record, task, cfg)
     if task == "classification":
         text, err = _text(record, cfg.text_column)
         if err:
@@ -324,6 +333,10 @@ def _columns_needed(task: str, cfg) -> list[str]:
 
 
 def _task_columns(task: str, cfg) -> list[str]:
+    if task in ("pair", "text", "preference"):
+        from tuneforge.data.formats import kind_columns
+
+        return kind_columns(task, cfg)
     if task == "classification":
         return [cfg.text_column, cfg.label_column]
     if cfg.messages_column:
