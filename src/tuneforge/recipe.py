@@ -450,15 +450,22 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
 _PATH_KEYS = ("train", "validation", "test", "review_decisions")
 
 
-_PATHS = [("data", key) for key in _PATH_KEYS] + [("eval", "reference_text")]
+_PATHS = [("data", key) for key in _PATH_KEYS] + [("eval", "reference_text"), ("fairness", "lexicon_files")]
 
 
 def _resolve_paths(raw: dict, base: Path) -> None:
+    def resolved(value):
+        if isinstance(value, str) and value and not Path(value).is_absolute():
+            return str((base / value).resolve())
+        return value
+
     for section, key in _PATHS:
         node = raw.get(section)
         value = node.get(key) if isinstance(node, dict) else None
-        if isinstance(value, str) and value and not Path(value).is_absolute():
-            node[key] = str((base / value).resolve())
+        if isinstance(value, list):  # a list of files (fairness.lexicon_files)
+            node[key] = [resolved(v) for v in value]
+        elif value is not None:
+            node[key] = resolved(value)
 
 
 def load_recipe(source: Union[str, Path, dict], overrides: Optional[list[str]] = None,

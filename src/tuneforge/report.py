@@ -251,6 +251,16 @@ def _md_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+def _fairness_sections(run: Path) -> list[tuple[str, str, str]]:
+    """The fairness audit written at the end of training (RUN/audit/audit.json), when there is one."""
+    audit = _read_json(run / "audit" / "audit.json")
+    if not audit:
+        return []
+    from tuneforge.fairness.render import sections
+
+    return sections(audit, run / "report_files")
+
+
 FIGURE_TITLES = {"training": "Training curves", "confusion": "Confusion matrix", "roc": "ROC curve",
                  "pr": "Precision-recall curve", "reliability": "Calibration", "robustness": "Robustness"}
 
@@ -290,6 +300,7 @@ def write_report(run: Path) -> tuple[Path, Path]:
     rob = details.get("robustness") or {}
     add("Robustness (test, perturbed inputs)", ["perturbation", "score", "drop"],
         [[k, _fmt(v.get("accuracy", v.get("exact_match"))), _fmt(v["drop"])] for k, v in rob.items()])
+    sections += _fairness_sections(run)
 
     files_dir = run / "report_files"
     files_dir.mkdir(exist_ok=True)

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from tuneforge.console import console
 from tuneforge.evaluate.metrics import classification_metrics
 from tuneforge.evaluate.runner import evaluate_classifier
+from tuneforge.fairness import run as fairness
 from tuneforge.inference import collate, encode, predict_proba
 from tuneforge.models import load_classifier
 from tuneforge.recipe import Recipe
@@ -27,12 +28,15 @@ def train(recipe: Recipe, output: Optional[str] = None, resume: bool = False, de
     # ---- setup
     run, dev = shared.open_run(recipe, output, resume, device)
     splits = shared.load_splits(recipe, run)
+    penalty = fairness.before_training(recipe, splits, run)  # representation check, reweighing, augmentation
     labels = splits.labels
     label_id = {lab: i for i, lab in enumerate(labels)}
     shared.seed_everything(recipe.train.seed)
     model, tokenizer, _ = load_classifier(recipe.model, labels, recipe.train.dropout)
     model = shared.apply_method(model, recipe).to(dev)
     pad_id = tokenizer.pad_token_id
+    if splits.kind == "pair":
+        join_pairs(tokenizer, splits)
     max_len = min(recipe.train.max_length, tokenizer.model_max_length)
     encoded = {name: encode(tokenizer, [r["text"] for r in rows], max_len)
                for name, rows in (("train", splits.train), ("validation", splits.validation), ("test", splits.test))}
@@ -53,6 +57,8 @@ def train(recipe: Recipe, output: Optional[str] = None, resume: bool = False, de
         else:
             per_example = F.cross_entropy(logits.float(), train_y[batch].to(dev), reduction="none")
             loss = (per_example * weights[batch].to(dev)).sum()
+        if penalty is not None:  # fairness.inprocessing
+            loss = loss + penalty(logits, batch)
         return loss, sum(lengths[i] for i in batch)
 
     def evaluate() -> dict:
@@ -79,6 +85,7 @@ def train(recipe: Recipe, output: Optional[str] = None, resume: bool = False, de
     def predict(texts: list[str]):
         return predict_proba(model, encode(tokenizer, texts, max_len), pad_id, eval_bs, dev)
 
+    fairness.after_training(recipe, run, predict, splits)  # post-processing fit, test audit -> audit/
     validation = classification_metrics(
         targets["validation"], predict([r["text"] for r in splits.validation]), labels) if splits.validation else None
     if not splits.test:
@@ -87,3 +94,15 @@ def train(recipe: Recipe, output: Optional[str] = None, resume: bool = False, de
     result = evaluate_classifier(predict, splits.test, labels, targets["train"] if recipe.eval.baseline else None,
                                  bootstrap=recipe.eval.bootstrap, robustness=recipe.eval.robustness)
     return shared.report(run, recipe, result, validation, "majority class")
+
+
+def join_pairs(tokenizer, splits) -> None:
+    """Text pairs become one string with the separator token between them, which
+    tokenises to the pair layout ([CLS] a [SEP] b [SEP]); every text-only path
+    (evaluation, robustness, export, serving) then takes pairs unchanged."""
+    sep = tokenizer.sep_token or tokenizer.eos_token
+    if sep is None:
+        raise ValueError("pair classification needs a tokenizer with a separator (or EOS) token")
+    for rows in (splits.train, splits.validation, splits.test):
+        for r in rows:
+            r["text"] = f"{r['text']} {sep} {r.pop('text_pair')}"

@@ -95,14 +95,22 @@ def train(recipe: Recipe, output: Optional[str] = None, resume: bool = False, de
     shared.seed_everything(recipe.train.seed)
     model, tokenizer, _ = load_causal_lm(recipe.model, recipe.train.dropout)
     model.to(dev)
-    train_set = render_split(tokenizer, splits.train, recipe, "train")
-    val_set = render_split(tokenizer, splits.validation, recipe, "validation")
-    test_set = render_split(tokenizer, splits.test, recipe, "test")
+    if splits.kind == "text":
+        # Continued pre-training: raw text cut into max_length blocks, loss on every
+        # token; scored by loss/perplexity only (there is no prompt to answer).
+        train_set, val_set, test_set = (
+            [Rendered(b, list(b), False) for b in splits.blocks[name] if len(b) > 1]
+            for name in ("train", "validation", "test"))
+        test_gen, val_gen = [], []
+    else:
+        train_set = render_split(tokenizer, splits.train, recipe, "train")
+        val_set = render_split(tokenizer, splits.validation, recipe, "validation")
+        test_set = render_split(tokenizer, splits.test, recipe, "test")
+        limit = recipe.eval.max_generate
+        test_gen = splits.test[:limit] if limit is not None else splits.test
+        val_gen = splits.validation[: recipe.eval.validation_generate]
     if not train_set:
-        raise RuntimeError("no training example keeps any response token; raise train.max_length")
-    limit = recipe.eval.max_generate
-    test_gen = splits.test[:limit] if limit is not None else splits.test
-    val_gen = splits.validation[: recipe.eval.validation_generate]
+        raise RuntimeError("no training example keeps any target token; raise train.max_length")
 
     # Baseline: the untouched base model on the same test split, measured before
     # any weight moves (and kept, so a resumed run reports the same one).

@@ -11,7 +11,7 @@ import torch
 
 from tuneforge import __version__
 from tuneforge.console import comparison_table, console
-from tuneforge.data.prepare import InvalidRows, Splits, prepare_splits, write_rejects
+from tuneforge.data.prepare import InvalidRows, Splits, write_rejects
 from tuneforge.fsio import atomic_dir
 from tuneforge.methods import METHODS
 from tuneforge.models import count_parameters, pick_device
@@ -45,13 +45,22 @@ def open_run(recipe: Recipe, output: Optional[str], resume: bool, device: Option
 
 
 def load_splits(recipe: Recipe, run: Run) -> Splits:
-    """Validate all data; every reject goes to rejects.jsonl whether we stop or skip."""
+    """Run the data studio's prepare pipeline (cleaning, PII, dedup, near-dup,
+    split, balance, augment; cached by content hash) and record its report in the
+    manifest; every reject goes to rejects.jsonl whether we stop or skip."""
+    from tuneforge.data.load import DataError
+    from tuneforge.data.studio import prepare_data
+
     try:
-        splits = prepare_splits(recipe)
+        splits = prepare_data(recipe, log=console.print if distributed.is_main() else (lambda m: None))
+        _check_trainable(splits.kind)
     except InvalidRows as exc:
         if run.writer:
             write_rejects(run.path / "rejects.jsonl", exc.rejects)
         run.finish("failed: invalid data")
+        raise
+    except DataError:
+        run.finish("failed: unusable data")
         raise
     if splits.rejects and run.writer:
         write_rejects(run.path / "rejects.jsonl", splits.rejects)
@@ -61,13 +70,52 @@ def load_splits(recipe: Recipe, run: Run) -> Splits:
         _check_same_data(previous, splits.report)
     run.update(data=splits.report)
     for split, info in splits.report["files"].items():
+        other = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in (info.get("removed") or {}).items())
         console.print(
             f"{split}: {info['read']} read, {info['rejected']} rejected, "
-            f"{info['duplicates_removed']} duplicates removed, {info['kept']} kept"
+            f"{info['duplicates_removed']} duplicates removed, " + (f"{other}, " if other else "") + f"{info['kept']} kept"
         )
+    for step in splits.report.get("steps", []):
+        if step.get("added") or step["step"] in ("balance", "review"):
+            console.print(f"{step['step']}: {step['in']} -> {step['out']} rows"
+                          + (f" ({step['added']} added)" if step.get("added") else ""))
     sizes = ", ".join(f"{k} {v['rows']}" for k, v in splits.report["splits"].items())
-    console.print(f"splits: {sizes}")
+    console.print(f"splits: {sizes}" + (" (prepared data from cache)" if splits.report.get("cache", {}).get("hit") else ""))
+    if recipe.task == "sft":
+        _pin_template(recipe, run, splits)
     return splits
+
+
+def _check_trainable(kind: str) -> None:
+    from tuneforge.data.load import DataError
+
+    if kind == "preference":
+        raise DataError(
+            "the data is preference pairs (DPO-style), and no trainer takes them yet. `tuneforge data prepare` "
+            "writes them as Parquet for other training code; `tuneforge data inspect` reports on them.")
+
+
+def _pin_template(recipe: Recipe, run: Run, splits: Splits) -> None:
+    """Pre-flight preview checks, and the chat template pinned in the run
+    (chat_template.jinja + its sha256 in the manifest) so inference renders
+    prompts the way training did."""
+    from tuneforge.data.preview import build_preview, template_info
+    from tuneforge.data.studio import load_tokenizer
+
+    tokenizer = load_tokenizer(recipe.model)
+    result = build_preview(tokenizer, splits.train, splits.kind, recipe.data.system_prompt,
+                           recipe.train.max_length, n=0, check=200)
+    info = template_info(tokenizer)
+    for warning in result.warnings:
+        console.print(f"[bold yellow]data preview warning:[/] {warning}")
+    if run.writer:
+        from tuneforge.fsio import atomic_write_text
+
+        atomic_write_text(run.path / "chat_template.jinja", info["text"])
+        run.update(template={"sha256": info["sha256"], "file": "chat_template.jinja",
+                             "generation_marker": info["generation_marker"], "eos_token": info["eos_token"],
+                             "preview": {"checked": result.checked, "eos_trained": result.eos_trained,
+                                         "truncated": result.truncated, "warnings": result.warnings}})
 
 
 def _check_same_data(previous: dict, current: dict) -> None:

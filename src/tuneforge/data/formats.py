@@ -1,0 +1,241 @@
+"""Data shapes ("kinds") beyond the two the trainers started with, how each is
+detected from a file's columns, and the per-kind helpers the studio needs:
+the text of a row, mapping a function over its text fields, chunking raw text.
+
+Kinds and the fields of a row dict:
+  classification   text, label
+  pair             text, text_pair, label            (pair classification, e.g. NLI)
+  prompt_response  prompt, response                  (Alpaca instruction/input/output too)
+  chat             messages [{role, content}]        (OpenAI messages or ShareGPT conversations)
+  text             text                              (continued pre-training; chunked into blocks)
+  preference       prompt, chosen, rejected          (HH-RLHF transcripts are split into these)
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable, Optional
+
+from tuneforge.data.load import DataError, _label, _text, read_records
+
+KINDS_BY_TASK = {"classification": ("classification", "pair"),
+                 "sft": ("prompt_response", "chat", "text", "preference")}
+ALPACA_TEMPLATE = "{instruction}\n\n{input}"
+HH_ASSISTANT = "\n\nAssistant:"
+HH_HUMAN = "\n\nHuman:"
+
+
+# ----------------------------------------------------------- detection
+
+
+def first_record(path: str, fmt: str, columns: Optional[list[str]]) -> dict:
+    for _, record, _ in read_records(Path(path), fmt, columns):
+        if record is not None:
+            return record
+    raise DataError(f"{path}: no readable row to detect the data kind from; set data.kind explicitly.")
+
+
+def detect_kind(record: dict, task: Optional[str], cfg) -> tuple[str, dict, str]:
+    """(kind, settings to apply to data config, human-readable explanation).
+
+    Explicit recipe settings win: messages_column means chat, prompt_template
+    means prompt_response. Otherwise the columns decide."""
+    cols = set(record)
+    if cfg.messages_column:
+        return "chat", {}, f"chat (data.messages_column '{cfg.messages_column}')"
+    if cfg.prompt_template:
+        return "prompt_response", {}, "prompt_response (data.prompt_template)"
+    if task == "classification" or (cfg.text_column in cols and cfg.label_column in cols):
+        # A classification file missing its columns is left to the loader, whose
+        # error names the file, the missing column and the columns there are.
+        if cfg.text_pair_column in cols:
+            return "pair", {}, (f"pair classification from columns '{cfg.text_column}', "
+                                f"'{cfg.text_pair_column}', '{cfg.label_column}'")
+        return "classification", {}, f"classification from columns '{cfg.text_column}', '{cfg.label_column}'"
+    if "messages" in cols:
+        return "chat", {"messages_column": "messages"}, "chat (OpenAI messages) from column 'messages'"
+    if "conversations" in cols:
+        return "chat", {"messages_column": "conversations"}, "chat (ShareGPT) from column 'conversations'"
+    if cfg.chosen_column in cols and cfg.rejected_column in cols:
+        shape = "prompt/chosen/rejected" if cfg.prompt_column in cols else "chosen/rejected transcripts"
+        return "preference", {}, (f"preference pairs ({shape}) from columns '{cfg.chosen_column}', "
+                                  f"'{cfg.rejected_column}'")
+    if "instruction" in cols and "output" in cols and cfg.prompt_column not in cols:
+        settings = {"prompt_template": ALPACA_TEMPLATE if "input" in cols else "{instruction}",
+                    "response_column": "output"}
+        return "prompt_response", settings, "prompt_response (Alpaca) from columns 'instruction', 'input', 'output'"
+    if cfg.prompt_column in cols and cfg.response_column in cols:
+        return "prompt_response", {}, (f"prompt_response from columns '{cfg.prompt_column}', "
+                                       f"'{cfg.response_column}'")
+    if cfg.text_column in cols:
+        return "text", {}, f"raw text (continued pre-training) from column '{cfg.text_column}'"
+    raise DataError(
+        f"cannot tell the data kind from the columns {', '.join(repr(c) for c in record)}. Expected one of: "
+        "text+label (classification), text+text_pair+label (pair), prompt+response or instruction+input+output, "
+        "messages or conversations (chat), text (raw text), chosen+rejected (preference). "
+        "Set data.kind and the data.*_column names.")
+
+
+def resolve_kind(recipe_or_cfg, task: Optional[str]) -> tuple[str, object, str]:
+    """The kind, a data config with the detected column settings applied, and
+    the explanation. Raises DataError when the kind does not suit the task."""
+    cfg = recipe_or_cfg
+    if cfg.kind != "auto":
+        kind, settings, why = cfg.kind, {}, f"{cfg.kind} (data.kind)"
+        if kind == "chat" and not cfg.messages_column:
+            rec = first_record(cfg.train, cfg.format, cfg.columns)
+            col = "messages" if "messages" in rec else "conversations" if "conversations" in rec else None
+            if col is None:
+                raise DataError(f"{cfg.train}: data.kind is chat but there is no 'messages' or 'conversations' "
+                                "column; set data.messages_column.")
+            settings = {"messages_column": col}
+        if kind == "prompt_response" and not cfg.prompt_template:
+            rec = first_record(cfg.train, cfg.format, cfg.columns)
+            if "instruction" in rec and "output" in rec and cfg.prompt_column not in rec:
+                settings = {"prompt_template": ALPACA_TEMPLATE if "input" in rec else "{instruction}",
+                            "response_column": "output"}
+    else:
+        kind, settings, why = detect_kind(first_record(cfg.train, cfg.format, cfg.columns), task, cfg)
+    if task is not None and kind not in KINDS_BY_TASK[task]:
+        raise DataError(f"data kind '{kind}' does not suit task '{task}' (it takes: "
+                        f"{', '.join(KINDS_BY_TASK[task])}).")
+    return kind, cfg.model_copy(update=settings), why
+
+
+def loader_task(kind: str) -> str:
+    """The task name `load.load_file` understands for a kind."""
+    return {"chat": "sft", "prompt_response": "sft"}.get(kind, kind)
+
+
+# ------------------------------------------------- fields of the new kinds
+
+
+def kind_columns(kind: str, cfg) -> list[str]:
+    if kind == "pair":
+        return [cfg.text_column, cfg.text_pair_column, cfg.label_column]
+    if kind == "text":
+        return [cfg.text_column]
+    return [cfg.chosen_column, cfg.rejected_column]  # the prompt column is optional
+
+
+def split_hh(chosen: str, rejected: str) -> tuple[Optional[tuple[str, str, str]], Optional[str]]:
+    """HH-RLHF: two full transcripts -> (shared prompt through the final
+    '\\n\\nAssistant:', chosen final turn, rejected final turn)."""
+    ci, ri = chosen.rfind(HH_ASSISTANT), rejected.rfind(HH_ASSISTANT)
+    if ci < 0 or ri < 0:
+        return None, "chosen/rejected transcripts have no '\\n\\nAssistant:' turn"
+    prompt = chosen[: ci + len(HH_ASSISTANT)]
+    if rejected[: ri + len(HH_ASSISTANT)] != prompt:
+        return None, "chosen and rejected transcripts differ before the final Assistant turn"
+    return (prompt, chosen[ci + len(HH_ASSISTANT):].strip(), rejected[ri + len(HH_ASSISTANT):].strip()), None
+
+
+def _response(record: dict, key: str) -> tuple[Optional[str], Optional[str]]:
+    if key not in record:
+        return None, f"missing field '{key}'"
+    value = record[key]
+    if not isinstance(value, str):
+        return None, f"field '{key}' must be text, got {type(value).__name__}"
+    return value, None
+
+
+def hh_messages(transcript: str) -> list[dict]:
+    """'\\n\\nHuman: a\\n\\nAssistant: b' -> [{user, a}, {assistant, b}] (the trailing
+    'Assistant:' of a prompt is dropped: it is the generation marker)."""
+    import re
+
+    parts = re.split(r"\n\n(Human|Assistant):", transcript)
+    out = []
+    for role, content in zip(parts[1::2], parts[2::2]):
+        if content.strip():
+            out.append({"role": "user" if role == "Human" else "assistant", "content": content.strip()})
+    return out
+
+
+def kind_fields(record: dict, kind: str, cfg) -> tuple[Optional[dict], Optional[str]]:
+    if kind == "pair":
+        text, err = _text(record, cfg.text_column)
+        if not err:
+            pair, err = _text(record, cfg.text_pair_column)
+        if not err:
+            label, err = _label(record, cfg.label_column)
+        return (None, err) if err else ({"text": text, "text_pair": pair, "label": label}, None)
+    if kind == "text":
+        text, err = _text(record, cfg.text_column)
+        return (None, err) if err else ({"text": text}, None)
+    # An empty response can be the preferred one (HH-RLHF harmless: saying
+    # nothing beats helping with harm), so only the type is checked here.
+    chosen, err = _response(record, cfg.chosen_column)
+    if not err:
+        rejected, err = _response(record, cfg.rejected_column)
+    if err:
+        return None, err
+    if cfg.prompt_column in record:
+        prompt, err = _text(record, cfg.prompt_column)
+        if err:
+            return None, err
+    else:
+        parts, err = split_hh(chosen, rejected)
+        if err:
+            return None, err
+        prompt, chosen, rejected = parts
+    if chosen.strip() == rejected.strip():
+        return None, "chosen and rejected are the same: no preference to learn"
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected}, None
+
+
+# ------------------------------------------------------- per-row helpers
+
+TEXT_FIELDS = ("text", "text_pair", "prompt", "response", "chosen", "rejected")
+
+
+def row_text(row: dict) -> str:
+    """One string per row for analysis (lengths, duplicates, PII, label issues)."""
+    if "messages" in row:
+        return "\n".join(m["content"] for m in row["messages"])
+    return "\n".join(row[k] for k in TEXT_FIELDS if isinstance(row.get(k), str))
+
+
+def map_texts(row: dict, fn: Callable[[str], str]) -> dict:
+    """A copy of `row` with `fn` applied to every text field (message contents too)."""
+    out = dict(row)
+    for key in TEXT_FIELDS:
+        if isinstance(out.get(key), str):
+            out[key] = fn(out[key])
+    if "messages" in out:
+        out["messages"] = [{**m, "content": fn(m["content"])} for m in out["messages"]]
+    return out
+
+
+def has_empty_text(row: dict) -> bool:
+    if "chosen" in row:  # preference: one empty response may be the point; both empty is nothing
+        return not row["prompt"].strip() or not (row["chosen"].strip() or row["rejected"].strip())
+    if "messages" in row:
+        return any(not m["content"].strip() for m in row["messages"])
+    return any(isinstance(row.get(k), str) and not row[k].strip() for k in TEXT_FIELDS)
+
+
+def to_json_cell(value) -> str:
+    return json.dumps(value, ensure_ascii=False)
+
+
+# ---------------------------------------------------- continued pre-training
+
+
+def chunk_blocks(token_lists: list[list[int]], block: int, eos_id: Optional[int]) -> list[list[int]]:
+    """Concatenate documents (each closed by EOS so the model learns where one
+    ends) and cut the stream into blocks of exactly `block` tokens; the last,
+    shorter remainder is kept as its own block rather than dropped silently."""
+    stream: list[int] = []
+    for ids in token_lists:
+        stream.extend(ids)
+        if eos_id is not None:
+            stream.append(eos_id)
+    return [stream[i:i + block] for i in range(0, len(stream), block)]
+
+
+def encode_pairs(tokenizer, rows: list[dict], max_length: int) -> list[list[int]]:
+    """Pair classification through the tokenizer's pair API ([CLS] a [SEP] b [SEP])."""
+    return tokenizer([r["text"] for r in rows], [r["text_pair"] for r in rows], truncation=True,
+                     max_length=max_length)["input_ids"]

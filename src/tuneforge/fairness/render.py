@@ -1,0 +1,183 @@
+"""Fairness in reports: per-group bars with intervals, the disparity table,
+the gate, counterfactual flip examples, and accuracy against disparity for
+each mitigation. Used by audit.html / audit.md and by the run report."""
+
+from __future__ import annotations
+
+import base64
+import html
+from pathlib import Path
+from typing import Optional
+
+from tuneforge.fairness.audit import DISPARITIES, GROUP_METRICS
+from tuneforge.report import CSS, _html_table, _md_table, _plt, _png
+
+Section = tuple[str, str, str]  # (title, html, markdown)
+
+
+def _f(v) -> str:
+    return "-" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
+
+
+def _ci(ci) -> str:
+    return f"[{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "-"
+
+
+def fig_groups(grouping: str, res: dict) -> Optional[bytes]:
+    """Grouped bars: each group's accuracy, selection rate, TPR, FPR, F1, with 95% intervals."""
+    import numpy as np
+
+    groups = list(res.get("groups") or {})
+    if not groups:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(GROUP_METRICS) * max(1, len(groups)) / 2), 3.8))
+    width = 0.8 / len(groups)
+    x = np.arange(len(GROUP_METRICS))
+    for j, g in enumerate(groups):
+        row = res["groups"][g]
+        values = [row.get(m) if row.get(m) is not None else np.nan for m in GROUP_METRICS]
+        cis = (row.get("ci") or {})
+        lo = [v - cis[m][0] if cis.get(m) and v == v else 0 for m, v in zip(GROUP_METRICS, values)]
+        hi = [cis[m][1] - v if cis.get(m) and v == v else 0 for m, v in zip(GROUP_METRICS, values)]
+        ax.bar(x + (j - (len(groups) - 1) / 2) * width, values, width * 0.95, yerr=[lo, hi], capsize=3,
+               label=f"{g} (n={row['n']})")
+    short = {"selection_rate": "selection rate", "true_positive_rate": "TPR", "false_positive_rate": "FPR", "f1": "F1"}
+    ax.set_xticks(x, [short.get(m, m) for m in GROUP_METRICS])
+    ax.set(ylim=(0, 1.05), ylabel="rate", title=f"By {grouping} (error bars: 95% bootstrap interval)")
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=min(4, len(groups)), frameon=False)
+    return _png(fig)
+
+
+def fig_tradeoff(variants: list[dict]) -> Optional[bytes]:
+    """Accuracy against equalized-odds difference, one point per model / mitigation."""
+    points = [v for v in variants if v.get("equalized_odds_difference") is not None]
+    if len(points) < 2:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for v in points:
+        ci = v.get("equalized_odds_difference_ci")
+        xerr = [[v["equalized_odds_difference"] - ci[0]], [ci[1] - v["equalized_odds_difference"]]] if ci else None
+        acc_ci = v.get("accuracy_ci")
+        yerr = [[v["accuracy"] - acc_ci[0]], [acc_ci[1] - v["accuracy"]]] if acc_ci else None
+        ax.errorbar(v["equalized_odds_difference"], v["accuracy"], xerr=xerr, yerr=yerr, fmt="o", capsize=3,
+                    label=v["name"])
+    ax.set(xlabel="equalized odds difference (lower is fairer)", ylabel="accuracy",
+           title="Accuracy vs disparity per mitigation")
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=2, frameon=False)
+    return _png(fig)
+
+
+def _figure(png: bytes, title: str, files_dir: Optional[Path], key: str) -> tuple[str, str]:
+    data = base64.b64encode(png).decode("ascii")
+    md = ""
+    if files_dir is not None:
+        files_dir.mkdir(parents=True, exist_ok=True)
+        (files_dir / f"{key}.png").write_bytes(png)
+        md = f"![{title}]({files_dir.name}/{key}.png)"
+    return f'<figure><img alt="{html.escape(title)}" src="data:image/png;base64,{data}"></figure>', md
+
+
+def sections(result: dict, files_dir: Optional[Path] = None) -> list[Section]:
+    """Report sections for an audit result (audit.json)."""
+    out: list[Section] = []
+
+    def table(title: str, header: list[str], rows: list[list[str]], note: str = "", figs: Optional[list] = None):
+        if not rows and not figs:
+            return
+        h = (f"<p class=muted>{html.escape(note)}</p>" if note else "") + (_html_table(header, rows) if rows else "")
+        m = (note + "\n\n" if note else "") + (_md_table(header, rows) if rows else "")
+        for fig_html, fig_md in figs or []:
+            h += fig_html
+            m += "\n\n" + fig_md
+        out.append((title, h, m))
+
+    gate = result.get("gate") or {}
+    if gate.get("checks"):
+        verdict = "PASSED" if gate["passed"] else "FAILED"
+        table(f"Fairness gate: {verdict}", ["check", "value", "limit", "passed", "why"],
+              [[c["check"], _f(c["value"]), _f(c["limit"]), "yes" if c["passed"] else "NO", c["reason"]]
+               for c in gate["checks"]], f"judged on: {gate.get('judged', 'model')}")
+    audit = result.get("audit") or {}
+    pos = audit.get("positive_label")
+    rows, figs = [], []
+    for grouping, res in (audit.get("groupings") or {}).items():
+        d, ci = res.get("disparities") or {}, (res.get("disparities") or {}).get("ci") or {}
+        rows.append([grouping] + [f"{_f(d.get(k))} {_ci(ci.get(k))}" for k in DISPARITIES])
+        if (png := fig_groups(grouping, res)) is not None:
+            figs.append(_figure(png, f"Per-group metrics by {grouping}", files_dir,
+                                "fairness_groups_" + "".join(c if c.isalnum() else "_" for c in grouping)))
+    table("Fairness: disparities (test)", ["grouping"] + [k.replace("_", " ") for k in DISPARITIES], rows,
+          f"positive class: {pos!r}; value [95% bootstrap interval]; rows of unknown or mixed group are "
+          "counted but left out", figs)
+    group_rows = []
+    for grouping, res in (audit.get("groupings") or {}).items():
+        for g, row in (res.get("groups") or {}).items():
+            group_rows.append([grouping, g, str(row["n"]), str(row.get("positives", "-"))]
+                              + [f"{_f(row.get(m))} {_ci((row.get('ci') or {}).get(m))}" for m in GROUP_METRICS])
+        for g, n in (res.get("excluded") or {}).items():
+            group_rows.append([grouping, f"{g} (excluded)", str(n), "-"] + ["-"] * len(GROUP_METRICS))
+    table("Fairness: per group", ["grouping", "group", "n", "positives"] + [m.replace("_", " ") for m in GROUP_METRICS],
+          group_rows)
+    variants = result.get("variants") or []
+    if len(variants) > 1:
+        png = fig_tradeoff(variants)
+        table("Fairness: accuracy vs disparity per mitigation",
+              ["model", "accuracy", "equalized odds diff", "equal opportunity diff", "demographic parity diff",
+               "grouping"],
+              [[v["name"], f"{_f(v['accuracy'])} {_ci(v.get('accuracy_ci'))}",
+                f"{_f(v.get('equalized_odds_difference'))} {_ci(v.get('equalized_odds_difference_ci'))}",
+                _f(v.get("equal_opportunity_difference")), _f(v.get("demographic_parity_difference")), v["grouping"]]
+               for v in variants], "pick the trade-off: each row is one model or mitigation on the same rows",
+              [_figure(png, "Accuracy vs disparity", files_dir, "fairness_tradeoff")] if png else None)
+    for lex, res in (result.get("counterfactual") or {}).items():
+        note = (f"{res['swappable']} of {res['texts']} texts contain a {lex} term; "
+                + (f"flip rate {_f(res['flip_rate'])} {_ci(res['flip_rate_ci'])}, mean |Δp({pos})| "
+                   f"{_f(res['mean_abs_delta'])} {_ci(res['mean_abs_delta_ci'])}" if res.get("swappable") else
+                   "nothing to swap"))
+        table(f"Counterfactual swaps ({lex}): largest changes", ["text", "swapped", "prediction", "after swap",
+                                                                f"p({pos})", "after swap"],
+              [[e["text"][:200], e["swapped"][:200], e["predicted"], e["predicted_swapped"], _f(e["p_positive"]),
+                _f(e["p_positive_swapped"])] for e in res.get("examples", [])], note)
+    rep = result.get("representation")
+    if rep:
+        rrows = []
+        for grouping, groups in rep["groupings"].items():
+            for g, info in groups.items():
+                rrows.append([grouping, g, str(info["n"]), _f(info["share"]),
+                              ", ".join(f"{k}: {v}" for k, v in info["labels"].items())])
+        table("Fairness: training data by group", ["grouping", "group", "rows", "share", "labels"], rrows,
+              "; ".join(rep["warnings"]) or "no group under-represented")
+    crows = result.get("crows_pairs")
+    if crows:
+        table("CrowS-Pairs: stereotype preference", ["bias type", "pairs", "prefers stereotype", "95% CI"],
+              [["all", str(crows["pairs"]), _f(crows["stereotype_preference"]), _ci(crows["ci"])]]
+              + [[k, str(v["pairs"]), _f(v["stereotype_preference"]), _ci(v["ci"])]
+                 for k, v in crows["by_bias_type"].items()],
+              "share of pairs where the model gives the stereotypical sentence the higher log-likelihood "
+              "(0.5 = no preference)")
+    gen = result.get("generation_sentiment")
+    if gen and gen.get("pairs"):
+        a, b = gen["groups"]
+        table("Generations: sentiment by group", [f"prompt ({a})", f"generation ({a})", f"generation ({b})", "gap"],
+              [[e[f"prompt_{a}"][:150], e[f"generation_{a}"][:200], e[f"generation_{b}"][:200], _f(e["gap"])]
+               for e in gen.get("examples", [])],
+              f"{gen['pairs']} prompt pairs; mean positive sentiment {a} {_f(gen['mean_sentiment'][a])}, "
+              f"{b} {_f(gen['mean_sentiment'][b])}; gap {_f(gen['gap'])} {_ci(gen['gap_ci'])}")
+    return out
+
+
+def audit_page(result: dict, title: str, folder: Path) -> tuple[str, str]:
+    """(audit.html, audit.md): the html self-contained, the markdown with its
+    figures in audit_files/."""
+    parts = sections(result, folder / "audit_files")
+    meta = f"target {result.get('target')} · data {result.get('data')} · {result.get('rows', '-')} rows"
+    body = "".join(f"<h2>{html.escape(t)}</h2>{h}" for t, h, _ in parts)
+    page = (f"<!doctype html><html lang=en><head><meta charset=utf-8><title>{html.escape(title)}</title>"
+            f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1><p class=muted>{html.escape(meta)}</p>"
+            f"{body}</body></html>")
+    md = [f"# {title}", "", meta, ""]
+    for t, _, m in parts:
+        md += [f"## {t}", "", m, ""]
+    return page, "\n".join(md) + "\n"
