@@ -450,7 +450,8 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
 _PATH_KEYS = ("train", "validation", "test", "review_decisions")
 
 
-_PATHS = [("data", key) for key in _PATH_KEYS] + [("eval", "reference_text"), ("fairness", "lexicon_files")]
+_PATHS = [("data", key) for key in _PATH_KEYS] + [
+    ("eval", "reference_text"), ("fairness", "lexicon_files"), ("data", "augment", "extra_terms")]
 
 
 def _resolve_paths(raw: dict, base: Path) -> None:
@@ -459,8 +460,10 @@ def _resolve_paths(raw: dict, base: Path) -> None:
             return str((base / value).resolve())
         return value
 
-    for section, key in _PATHS:
-        node = raw.get(section)
+    for *parents, key in _PATHS:
+        node = raw
+        for name in parents:
+            node = node.get(name) if isinstance(node, dict) else None
         value = node.get(key) if isinstance(node, dict) else None
         if isinstance(value, list):  # a list of files (fairness.lexicon_files)
             node[key] = [resolved(v) for v in value]
