@@ -179,6 +179,8 @@ def test_balance_modes(imbalanced_csv, mode, expected):
         assert all("weight" not in r for r in splits.validation + splits.test)
     else:
         assert all("weight" not in r for r in splits.train)
+    # Every row is its own dict: trainers edit rows in place (pair joining, reweighing).
+    assert len({id(r) for r in splits.train}) == len(splits.train)
 
 
 def test_counterfactual_augmentation_swaps_terms_in_train_only(tmp_path):
@@ -232,11 +234,14 @@ def test_formats_are_detected_and_mapped(tmp_path):
                                                         "label": "yes" if i % 2 else "no"} for i in range(20)])
     splits = studio.prepare_data(_recipe(same_premise))
     assert sum(len(p) for p in (splits.train, splits.validation, splits.test)) == 20  # pairs differ: no duplicates
-    from tuneforge.data.formats import encode_pairs
+    # The classification trainer joins a pair around the separator: the pair layout.
+    from tuneforge.data.prepare import Splits
+    from tuneforge.trainers.classification import join_pairs
 
     tok = studio.load_tokenizer("tiny-bert")
-    ids = encode_pairs(tok, [{"text": "a cat", "text_pair": "a dog"}], 32)[0]
-    assert tok.decode(ids) == "[CLS] a cat [SEP] a dog [SEP]"
+    joined = Splits([{"text": "a cat", "text_pair": "a dog", "label": "no"}], [], [], ["no", "yes"])
+    join_pairs(tok, joined)
+    assert tok.decode(tok(joined.train[0]["text"])["input_ids"]) == "[CLS] a cat [SEP] a dog [SEP]"
 
     weird = write_jsonl(tmp_path / "weird.jsonl", [{"foo": 1, "bar": 2}])
     with pytest.raises(DataError, match=r"cannot tell the data kind from the columns 'foo', 'bar'"):
@@ -259,6 +264,17 @@ def test_raw_text_is_chunked_into_max_length_blocks(tmp_path):
         blocks = splits.blocks[split]
         assert all(len(b) == 32 for b in blocks[:-1]) and 0 < len(blocks[-1]) <= 32
         assert [t for b in blocks for t in b] == stream
+    # The preview shows the blocks as trained: every token but a block's first carries loss, EOS marked.
+    from tuneforge.data.preview import build_block_preview
+
+    p = build_block_preview(tok, splits.blocks["train"], n=2)
+    stream = [t for b in splits.blocks["train"] for t in b]
+    eos_blocks = {i // 32 for i, t in enumerate(stream) if t == tok.eos_token_id and i % 32}
+    assert p.warnings == [] and p.eos_trained == len(eos_blocks) > 0 and p.checked == len(splits.blocks["train"])
+    first = p.samples[0].tokens
+    assert [t.id for t in first] == splits.blocks["train"][0] and [t.loss for t in first] == [False] + [True] * 31
+    assert "".join(t.text for t in first) == tok.decode(splits.blocks["train"][0])
+    assert [t.eos for t in first] == [t == tok.eos_token_id for t in splits.blocks["train"][0]]
 
 
 def test_hh_rlhf_transcripts_become_preference_pairs():
@@ -427,6 +443,49 @@ def test_review_round_trip_applies_decisions_exactly(tmp_path):
     assert not (tmp_path / "x.json").exists()
 
 
+def test_review_csv_is_spreadsheet_safe_and_errors_name_the_first_line_of_a_record(tmp_path):
+    from tuneforge.data.review import export_review, parse_review
+    from tuneforge.data.studio import Row
+
+    rows = [Row("d.csv:2", {"text": "=HYPERLINK(\"http://x\")", "label": "-1"}),
+            Row("d.csv:3", {"text": "two\nlines", "label": "@a"})]
+    report = {"flags": {r.id: {"split": "train", "row": r, "reasons": ["pii:email"], "score": None} for r in rows}}
+    out = tmp_path / "review.csv"
+    assert export_review(report, out) == 2
+    exported = list(csv.DictReader(out.open(newline="")))
+    assert [(r["text"], r["label"]) for r in exported] == [("'=HYPERLINK(\"http://x\")", "-1"), ("two\nlines", "'@a")]
+    exported[0]["decision"], exported[1]["decision"] = "drop", "maybe"
+    exported[0]["text"] = "edited\nover\nthree lines"  # the record now spans lines 2-4
+    with open(out, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(exported[0]))
+        writer.writeheader()
+        writer.writerows(exported)
+    with pytest.raises(DataError) as err:
+        parse_review(out)
+    assert f"{out}:5: decision 'maybe'" in str(err.value)
+
+
+def test_html_reports_escape_the_data(tmp_path):
+    """Row text, labels and group names are data: every HTML report escapes them."""
+    from tuneforge.data.inspect import analyse, write_html
+    from tuneforge.data.preview import Preview, Sample, Token, to_html
+    from tuneforge.data.studio import Row
+    from tuneforge.fairness.audit import GroupAudit
+    from tuneforge.fairness.render import audit_page
+
+    evil = "<script>alert(1)</script>"
+    rows = {"train": [Row(f"d.csv:{i}", {"text": f"{evil} number {i}", "label": evil if i % 2 else "ok"})
+                      for i in range(12)]}
+    report = analyse(rows, [], "classification")
+    report.update(source=evil, kind_detail=evil, tokenizer=None)
+    page = write_html(report, tmp_path / "r.html", evil).read_text()
+    page += to_html(Preview([Sample(0, [Token(1, evil, True, False)], False, 1, label=evil)]), 8, evil)
+    audit = GroupAudit(n_boot=0).fit(["1", "0"] * 4, ["1", "1"] * 4, {"g": [evil, "b"] * 4}, labels=["0", "1"])
+    page += audit_page({"audit": audit.results_, "target": evil, "gate": audit.score({"equalized_odds_difference": 0.1})},
+                       evil, tmp_path)[0]
+    assert "<script>" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+
+
 # -------------------------------------------------------------- commands
 
 
@@ -523,17 +582,21 @@ def test_continued_pretraining_on_raw_text_trains_on_blocks(tmp_path):
 
 
 def test_pair_classification_trains(tmp_path):
+    """The label is in the second text only, so beating the majority class shows
+    the pair reaches the model."""
     from tuneforge import api
 
-    rows = [{"text": f"is {a} bigger than {b}", "text_pair": ("yes" if a > b else "no") + f" {i}",
-             "label": "consistent"} for i, (a, b) in enumerate([(3, 1), (1, 3)] * 40)]
-    for i, r in enumerate(rows[::2]):
-        r["text_pair"] = ("no" if "yes" in r["text_pair"] else "yes") + f" x{i}"
-        r["label"] = "contradiction"
+    rng = __import__("random").Random(0)
+    rows = []
+    for i in range(240):
+        question = rng.choice(["is it sunny", "is it raining"])
+        answer = rng.choice(["sun is out", "rain is falling"])
+        rows.append({"text": f"{question} number {i}", "text_pair": answer, "label": "yes" if "sun" in answer else "no"})
     data = write_jsonl(tmp_path / "pairs.jsonl", rows)
     result = api.train({"model": "tiny-bert", "task": "classification", "data": {"train": str(data)},
-                        "method": {"name": "full"}, "train": {"epochs": 1, "batch_size": 8, "max_length": 32},
+                        "method": {"name": "full"},
+                        "train": {"epochs": 6, "batch_size": 16, "max_length": 32, "learning_rate": 2e-3},
                         "eval": {"bootstrap": False}}, output=str(tmp_path / "pair"), quiet=True)
-    assert (tmp_path / "pair" / "model" / "config.json").is_file()
     assert json.loads((tmp_path / "pair" / "manifest.json").read_text())["data"]["kind"] == "pair"
-    assert 0.0 <= result["test"]["accuracy"] <= 1.0
+    assert result["test"]["accuracy"] >= 0.9 > result["baseline"]["accuracy"]
+

@@ -5,6 +5,7 @@ planted-bias data set that the audit catches and every mitigation reduces."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import random
 import subprocess
 import sys
@@ -109,6 +110,8 @@ def test_gate_passes_fails_and_fails_closed():
     one_group = GroupAudit(n_boot=0).fit(Y_TRUE, Y_PRED, {"g": ["a"] * 12}, labels=["0", "1"])
     closed = one_group.score({"equalized_odds_difference": 0.9})
     assert not closed["passed"] and "could not be computed" in closed["checks"][0]["reason"]
+    flips = audit.score(None, {"flip": (None, "max", 0.1, "nothing to swap")})
+    assert not flips["passed"] and flips["checks"][0]["reason"] == "nothing to swap"
 
 
 def test_representation_report_warns_on_small_groups_and_missing_labels():
@@ -213,6 +216,42 @@ def test_postprocessor_finds_groups_in_the_text_when_fitted_on_text_groups(tmp_p
         load_postprocessor(tmp_path)(probs, texts=texts)
 
 
+def test_postprocessing_fits_the_groups_it_can_and_never_fails_the_run(tmp_path, capsys):
+    """Fairlearn cannot fit a group whose validation rows hold one label ('c'
+    here): that group keeps the model's decision; the others get thresholds."""
+    from types import SimpleNamespace
+
+    from tuneforge.data.prepare import Splits
+    from tuneforge.fairness.run import after_training
+    from tuneforge.recipe import load_recipe
+
+    rng = np.random.default_rng(0)
+    val = [{"text": f"v{i}", "label": ["neg", "pos"][i % 2], "g": ["a", "b"][(i // 2) % 2]} for i in range(80)]
+    val += [{"text": f"c{i}", "label": "pos", "g": "c"} for i in range(3)]
+    test = [{"text": f"t{i}", "label": ["neg", "pos"][i % 2], "g": ["a", "b", "c"][i % 3]} for i in range(60)]
+    score = {r["text"]: float(np.clip(0.3 + 0.4 * (r["label"] == "pos") - 0.2 * (r["g"] == "b") + rng.normal(0, 0.15),
+                                      0, 1)) for r in val + test}
+
+    def predict(texts):
+        p = np.array([score[t] for t in texts])
+        return np.stack([1 - p, p], axis=1)
+
+    recipe = load_recipe({"model": "tiny-bert", "task": "classification", "data": {"train": "-"},
+                          "fairness": {"groups": ["g"], "postprocess": "equalized_odds", "bootstrap": 0}},
+                         check_files=False)
+    (tmp_path / "model").mkdir()
+    run = SimpleNamespace(path=tmp_path, manifest={})
+    result = after_training(recipe, run, predict, Splits([], val, test, ["neg", "pos"]))
+    post = load_postprocessor(tmp_path / "model")
+    assert set(post.thresholds.rules_) == {"a", "b"}
+    assert "no post-processing thresholds for group(s) c" in capsys.readouterr().out
+    names = [v["name"] for v in result["variants"]]
+    assert names == ["model", "model + equalized_odds thresholds"]
+    c_rows = [i for i, r in enumerate(test) if r["g"] == "c"]
+    decided = post(predict([r["text"] for r in test]), [r["g"] for r in test], random_state=0)
+    assert [decided[i] for i in c_rows] == ["pos" if score[test[i]["text"]] >= 0.5 else "neg" for i in c_rows]
+
+
 def test_crows_pairs_scoring_on_fixed_likelihoods(tmp_path):
     from tuneforge.fairness.counterfactual import crows_pairs_score, read_crows_pairs
 
@@ -300,32 +339,30 @@ def planted_bias(n: int, seed: int, flip: float) -> list[dict]:
     return rows
 
 
-MITIGATIONS = {
-    "baseline": {"postprocess": "equalized_odds"},  # the raw model is the baseline; thresholds on top
-    "reweighing": {"reweighing": True},
-    "augmentation": {"counterfactual_augmentation": True},
-    # No group column here: the groups come from the text (he / his father / the man ...).
-    "eo_penalty": {"inprocessing": "eo_penalty", "penalty_weight": 5.0, "groups": []},
-}
-
-
 @pytest.fixture(scope="module")
 def bias_runs(tmp_path_factory):
-    from tuneforge import api
+    """One mitigation sweep (`tuneforge mitigate`): the baseline and each mitigation
+    trained from one recipe, audited together in sweep/audit/."""
+    from tuneforge.fairness.sweep import mitigation_sweep
+    from tuneforge.recipe import load_recipe
 
     root = tmp_path_factory.mktemp("fair")
     files = {name: write_csv(root / f"{name}.csv", planted_bias(n, seed, flip))
              for name, n, seed, flip in (("train", 480, 1, 0.7), ("validation", 160, 2, 0.0), ("test", 400, 3, 0.0))}
-    runs = {}
-    for name, fairness in MITIGATIONS.items():
-        runs[name] = root / name
-        api.train({"model": "tiny-bert", "task": "classification", "method": {"name": "full"},
-                   "data": {**{k: str(v) for k, v in files.items()}, "keep_columns": ["gender"]},
-                   "train": {"epochs": 8, "batch_size": 16, "learning_rate": 5e-3, "log_every": 50, "seed": 0},
-                   "eval": {"bootstrap": False},
-                   "fairness": {"groups": ["gender"], "bootstrap": 200, "min_group_rows": 10, **fairness}},
-                  output=str(runs[name]), quiet=True)
-    return root, files, runs
+    recipe = load_recipe({
+        "name": "bias", "model": "tiny-bert", "task": "classification", "method": {"name": "full"},
+        "data": {**{k: str(v) for k, v in files.items()}, "keep_columns": ["gender"]},
+        "train": {"epochs": 8, "batch_size": 16, "learning_rate": 5e-3, "log_every": 50, "seed": 0},
+        "eval": {"bootstrap": False},
+        "fairness": {"groups": ["gender"], "bootstrap": 200, "min_group_rows": 10}})
+    # No group column for the penalty: its groups come from the text (he / his father / the man ...).
+    sweep = mitigation_sweep(recipe, str(root / "sweep"),
+                             overrides={"eo_penalty": {"penalty_weight": 5.0, "groups": []}})
+    runs = {name: root / "sweep" / name for name in ("baseline", "reweighing", "augmentation", "eo_penalty")}
+    return root, files, runs, sweep
+
+
+MITIGATIONS = ("baseline", "reweighing", "augmentation", "eo_penalty")
 
 
 def _eo(run, variant: int = 0) -> float:
@@ -333,7 +370,7 @@ def _eo(run, variant: int = 0) -> float:
 
 
 def test_audit_catches_the_planted_bias_and_every_mitigation_reduces_it(bias_runs):
-    _, _, runs = bias_runs
+    _, _, runs, _ = bias_runs
     audit = json.loads((runs["baseline"] / "audit" / "audit.json").read_text())
     groups = audit["audit"]["groupings"]["gender"]["groups"]
     # The women's positives are missed; the men's are not.
@@ -361,12 +398,12 @@ def test_audit_catches_the_planted_bias_and_every_mitigation_reduces_it(bias_run
     assert "http://" not in report and "https://" not in report
 
 
-def test_release_gate_exits_4_and_compare_reports_each_mitigation(bias_runs, tmp_path):
+def test_release_gate_exits_4_and_the_sweep_reports_each_mitigation(bias_runs, tmp_path):
     from typer.testing import CliRunner
 
     from tuneforge.cli import app
 
-    root, files, runs = bias_runs
+    root, files, runs, sweep = bias_runs
     args = ["audit", str(runs["baseline"]), "--data", str(files["test"]), "--group", "gender",
             "--output", str(tmp_path / "gate")]
     # The served decisions (raw model + saved thresholds, EO ~0.07) are what the gate judges.
@@ -378,18 +415,25 @@ def test_release_gate_exits_4_and_compare_reports_each_mitigation(bias_runs, tmp
     assert proc.returncode == 4, proc.stderr
     assert "fairness gate FAILED: equalized_odds_difference (gender)" in proc.stderr
 
-    out = tmp_path / "compare"
-    result = CliRunner().invoke(app, ["audit", str(runs["reweighing"]), "--data", str(files["test"]), "--group",
-                                      "gender", "--compare", str(runs["augmentation"]), "--compare",
-                                      str(runs["eo_penalty"]), "--compare", str(runs["baseline"]), "-o", str(out),
-                                      "fairness.thresholds.equalized_odds_difference=0.25"])
-    assert result.exit_code == 0, result.output
+    # The sweep's one report: every mitigation next to the baseline, accuracy vs disparity.
+    out = Path(sweep["path"])
     audit = json.loads((out / "audit.json").read_text())
     names = [v["name"] for v in audit["variants"]]
-    assert names == ["reweighing", "augmentation", "eo_penalty", "baseline", "baseline + equalized_odds thresholds"]
+    assert names == ["baseline", "baseline + equalized_odds thresholds", "reweighing", "augmentation", "eo_penalty"]
     page = (out / "audit.html").read_text()
     assert "Fairness: accuracy vs disparity per mitigation" in page and "data:image/png;base64," in page
     assert (out / "audit.md").read_text().count("audit_files/") >= 2
+    # `tuneforge mitigate` on the same folder reuses the finished runs, re-audits,
+    # and gates the release on the recipe's thresholds.
+    import yaml
+
+    recipe = {"name": "bias", "model": "tiny-bert", "task": "classification", "method": {"name": "full"},
+              "data": {**{k: str(v) for k, v in files.items()}, "keep_columns": ["gender"]},
+              "fairness": {"groups": ["gender"], "bootstrap": 50,
+                           "thresholds": {"equalized_odds_difference": 0.01}}}
+    (tmp_path / "bias.yaml").write_text(yaml.safe_dump(recipe))
+    gated = CliRunner().invoke(app, ["mitigate", str(tmp_path / "bias.yaml"), "-o", str(out.parent)])
+    assert gated.exit_code == 4, gated.output
 
 
 def test_groups_from_text_when_the_data_has_no_group_column(bias_runs, tmp_path):
@@ -397,7 +441,7 @@ def test_groups_from_text_when_the_data_has_no_group_column(bias_runs, tmp_path)
 
     from tuneforge.cli import app
 
-    root, files, runs = bias_runs
+    root, files, runs, sweep = bias_runs
     rows = planted_bias(400, 3, 0.0)
     data = write_csv(tmp_path / "no_group.csv", [{"text": r["text"], "label": r["label"]} for r in rows])
     result = CliRunner().invoke(app, ["audit", str(runs["augmentation"]), "--data", str(data), "--lexicon", "gender",
@@ -427,7 +471,7 @@ def test_causal_lm_audit_crows_pairs_and_generation_sentiment(bias_runs, tmp_pat
 
     from tuneforge.cli import app
 
-    _, _, runs = bias_runs
+    _, _, runs, _ = bias_runs
     crows = shared_data("crows_pairs", "crows_pairs_anonymized.csv")
     prompts = write_csv(tmp_path / "prompts.csv", [{"prompt": p} for p in
                                                    ["Tell me about his day.", "Describe my sister.", "It rains.",

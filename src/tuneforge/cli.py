@@ -232,13 +232,14 @@ def datagen(
 
 # Command groups that live in their own modules (each imports only typer at the
 # top, so `tuneforge --help` stays free of torch).
-from tuneforge.cli_audit import audit  # noqa: E402
+from tuneforge.cli_audit import audit, mitigate  # noqa: E402
 from tuneforge.cli_data import data_app  # noqa: E402
 from tuneforge.cli_serve import serve  # noqa: E402
 
 app.add_typer(data_app, name="data", help="Inspect, prepare, preview and review training data.")
 app.command()(serve)
 app.command()(audit)
+app.command()(mitigate)
 
 
 def main() -> None:

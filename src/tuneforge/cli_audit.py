@@ -99,3 +99,32 @@ def _print(result: dict) -> None:
     console.print(f"gate: {'passed' if gate['passed'] else 'FAILED'} "
                   f"({sum(c['passed'] for c in gate['checks'])}/{len(gate['checks'])} checks)")
     console.print(f"wrote {result['path']}/audit.json, audit.html, audit.md")
+
+
+def mitigate(
+    recipe: str = typer.Argument(..., help="A classification recipe with a fairness section (groups, thresholds)."),
+    output: str = typer.Option(..., "--output", "-o", help="Folder for one run per variant and audit/."),
+    variant: Optional[List[str]] = typer.Option(None, "--variant", help="Variants to train (repeatable): baseline, "
+                                                "reweighing, augmentation, eo_penalty. Default: all."),
+    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda or mps."),
+) -> None:
+    """Train the recipe once per fairness mitigation and compare them in one report:
+    accuracy against disparity per mitigation (OUTPUT/audit/audit.html).
+    Exit code 4 when the baseline crosses a fairness.thresholds limit."""
+    from tuneforge.cli import EXIT_DATA, _fail, _load
+    from tuneforge.data.load import DataError
+    from tuneforge.fairness.sweep import VARIANTS, mitigation_sweep
+
+    parsed = _load(recipe, [])
+    chosen = list(variant or VARIANTS)
+    if "baseline" not in chosen:
+        chosen.insert(0, "baseline")
+    try:
+        result = mitigation_sweep(parsed, output, chosen, device=device, quiet=False)
+    except DataError as exc:
+        _fail(f"data error: {exc}", EXIT_DATA)
+    except ValueError as exc:
+        _fail(f"error: {exc}", 1)
+    typer.echo(f"audit: {result['path']}/audit.html")
+    if not result.get("gate", {}).get("passed", True):
+        raise typer.Exit(EXIT_GATE)

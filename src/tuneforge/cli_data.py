@@ -151,8 +151,8 @@ def prepare(
     cache = report.get("cache", {})
     console.print(f"cache {'hit' if cache.get('hit') else 'miss'} ({cache.get('key')}); wrote {out}/ "
                   "(train/validation/test.parquet, prepare_report.json)")
-    if report["kind"] in ("text", "preference"):
-        console.print(f"[yellow]note: no trainer takes {report['kind']} data yet; the prepared files are ready "
+    if report["kind"] == "preference":
+        console.print("[yellow]note: no trainer takes preference data yet; the prepared files are ready "
                       "for your own training code.")
 
 
@@ -170,7 +170,7 @@ def preview(
     """
     from tuneforge.cli import EXIT_DATA, _fail, _load
     from tuneforge.data.load import DataError
-    from tuneforge.data.preview import build_preview, to_html, to_rich
+    from tuneforge.data.preview import build_block_preview, build_preview, to_html, to_rich
     from tuneforge.data.studio import load_tokenizer, prepare_data
     from tuneforge.fsio import atomic_write_text
 
@@ -180,11 +180,15 @@ def preview(
         splits = prepare_data(parsed, log=console.print)
     except DataError as exc:
         _fail(f"data error: {exc}", EXIT_DATA)
-    if splits.kind in ("text", "preference"):
-        _fail(f"preview shows what a trainer sees; no trainer takes {splits.kind} data yet.", EXIT_DATA)
+    if splits.kind == "preference":
+        _fail("preview shows what a trainer sees, and no trainer takes preference data yet; "
+              "`tuneforge data inspect` reports on it.", EXIT_DATA)
     tokenizer = load_tokenizer(parsed.model)
     max_length = parsed.train.max_length
-    result = build_preview(tokenizer, splits.train, splits.kind, parsed.data.system_prompt, max_length, n=samples)
+    if splits.kind == "text":  # continued pre-training trains on max_length blocks, not rows
+        result = build_block_preview(tokenizer, splits.blocks["train"], n=samples)
+    else:
+        result = build_preview(tokenizer, splits.train, splits.kind, parsed.data.system_prompt, max_length, n=samples)
     console.print(to_rich(result, max_length))
     if result.template:
         console.print(f"template sha256 {result.template['sha256'][:16]}; generation marker "

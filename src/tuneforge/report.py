@@ -16,7 +16,7 @@ from typing import Optional
 
 import yaml
 
-from tuneforge.fsio import atomic_write_text
+from tuneforge.fsio import atomic_write_bytes, atomic_write_text
 
 HEADLINE = ("accuracy", "precision_macro", "recall_macro", "f1_macro", "f1_weighted", "roc_auc", "pr_auc", "ece",
             "loss", "perplexity", "reference_perplexity", "exact_match", "rouge1", "rouge2", "rouge_l", "bleu", "chrf")
@@ -306,7 +306,7 @@ def write_report(run: Path) -> tuple[Path, Path]:
     files_dir.mkdir(exist_ok=True)
     fig_html, fig_md = [], []
     for key, png in s["figures"].items():
-        (files_dir / f"{key}.png").write_bytes(png)
+        atomic_write_bytes(files_dir / f"{key}.png", png)
         data = base64.b64encode(png).decode("ascii")
         fig_html.append(f'<figure><img alt="{FIGURE_TITLES[key]}" src="data:image/png;base64,{data}"></figure>')
         fig_md.append(f"![{FIGURE_TITLES[key]}](report_files/{key}.png)")

@@ -13,7 +13,6 @@ Kinds and the fields of a row dict:
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -140,19 +139,6 @@ def _response(record: dict, key: str) -> tuple[Optional[str], Optional[str]]:
     return value, None
 
 
-def hh_messages(transcript: str) -> list[dict]:
-    """'\\n\\nHuman: a\\n\\nAssistant: b' -> [{user, a}, {assistant, b}] (the trailing
-    'Assistant:' of a prompt is dropped: it is the generation marker)."""
-    import re
-
-    parts = re.split(r"\n\n(Human|Assistant):", transcript)
-    out = []
-    for role, content in zip(parts[1::2], parts[2::2]):
-        if content.strip():
-            out.append({"role": "user" if role == "Human" else "assistant", "content": content.strip()})
-    return out
-
-
 def kind_fields(record: dict, kind: str, cfg) -> tuple[Optional[dict], Optional[str]]:
     if kind == "pair":
         text, err = _text(record, cfg.text_column)
@@ -216,10 +202,6 @@ def has_empty_text(row: dict) -> bool:
     return any(isinstance(row.get(k), str) and not row[k].strip() for k in TEXT_FIELDS)
 
 
-def to_json_cell(value) -> str:
-    return json.dumps(value, ensure_ascii=False)
-
-
 # ---------------------------------------------------- continued pre-training
 
 
@@ -233,9 +215,3 @@ def chunk_blocks(token_lists: list[list[int]], block: int, eos_id: Optional[int]
         if eos_id is not None:
             stream.append(eos_id)
     return [stream[i:i + block] for i in range(0, len(stream), block)]
-
-
-def encode_pairs(tokenizer, rows: list[dict], max_length: int) -> list[list[int]]:
-    """Pair classification through the tokenizer's pair API ([CLS] a [SEP] b [SEP])."""
-    return tokenizer([r["text"] for r in rows], [r["text_pair"] for r in rows], truncation=True,
-                     max_length=max_length)["input_ids"]

@@ -140,11 +140,3 @@ class NearDuplicates:
         for i, lab in enumerate(self.labels_):
             groups.setdefault(int(lab), []).append(i)
         return sorted((g for g in groups.values() if len(g) > 1), key=lambda g: (-len(g), g[0]))
-
-
-def jaccard(a: str, b: str, shingle: str = "char", n: int = 5) -> float:
-    """Exact Jaccard similarity of two texts' shingle sets (for tests and reports)."""
-    ha, _ = shingle_hashes([a], shingle, n)
-    hb, _ = shingle_hashes([b], shingle, n)
-    sa, sb = set(ha.tolist()), set(hb.tolist())
-    return len(sa & sb) / max(len(sa | sb), 1)

@@ -91,6 +91,9 @@ def build_preview(tokenizer, rows: list[dict], kind: str, system_prompt: Optiona
     if not sft:
         samples = [_classification_sample(tokenizer, r, i, max_length, loss=kind == "text")
                    for i, r in enumerate(rows[:max(n, check)])]
+        if kind == "text":  # raw text is cut into max_length blocks (build_block_preview), never truncated
+            for sample in samples:
+                sample.truncated = False
         truncated = sum(s.truncated for s in samples)
         p = Preview(samples[:n], checked=len(samples), truncated=truncated)
         if samples and truncated / len(samples) > TRUNCATION_WARN:
@@ -112,6 +115,30 @@ def build_preview(tokenizer, rows: list[dict], kind: str, system_prompt: Optiona
     if samples and truncated / len(samples) > TRUNCATION_WARN:
         p.warnings.append(f"{truncated} of {len(samples)} samples ({truncated / len(samples):.0%}) are truncated "
                           f"at max_length={max_length}; responses lose their ends (and EOS). Raise train.max_length.")
+    return p
+
+
+def build_block_preview(tokenizer, blocks: list[list[int]], n: int = 3) -> Preview:
+    """Continued pre-training: the first `n` blocks exactly as the trainer takes
+    them (documents joined by EOS, cut at max_length). Every token but a
+    block's first is predicted, so carries loss. Warns when no block holds EOS."""
+    eos_id = tokenizer.eos_token_id
+    samples = []
+    for index, ids in enumerate(blocks[:n]):
+        tokens, shown = [], ""
+        for i, tok in enumerate(ids):
+            # Decode growing prefixes: single-token decoding drops the spaces
+            # SentencePiece tokens carry.
+            text = tokenizer.decode(ids[: i + 1])
+            tokens.append(Token(tok, text[len(shown):] if text.startswith(shown) else tokenizer.decode([tok]),
+                                i > 0, tok == eos_id))
+            shown = text
+        samples.append(Sample(index, tokens, False, len(ids)))
+    eos_trained = sum(eos_id in b[1:] for b in blocks) if eos_id is not None else 0
+    p = Preview(samples, checked=len(blocks), eos_trained=eos_trained)
+    if blocks and eos_trained == 0:
+        p.warnings.append(f"no block contains EOS ({tokenizer.eos_token!r}): the model never learns where a "
+                          "document ends. Use a tokenizer with an EOS token.")
     return p
 
 

@@ -37,6 +37,21 @@ def text_sha(fields: dict) -> str:
     return hashlib.sha256(material.encode()).hexdigest()[:16]
 
 
+def _cell(value) -> str:
+    """A cell safe to open in a spreadsheet: text starting with = + - @ (or a
+    tab / carriage return) would run as a formula (CSV injection), so it gets
+    a leading apostrophe; plain numbers such as a label -1 are left alone.
+    Only display columns pass through here: decisions are read from id,
+    decision, new_label and sha."""
+    text = str(value)
+    if text[:1] in ("=", "+", "-", "@", "\t", "\r"):
+        try:
+            float(text)
+        except ValueError:
+            return "'" + text
+    return text
+
+
 def _rank(entry: dict) -> tuple:
     first = min((i for i, r in enumerate(_REASON_ORDER) for x in entry["reasons"] if x.startswith(r)), default=99)
     return first, -(entry["score"] or 0.0), entry["row"].id
@@ -52,9 +67,9 @@ def export_review(report: dict, path: Path) -> int:
         row = e["row"]
         writer.writerow({
             "id": row.id, "split": e["split"], "line": row.id.rsplit(":", 1)[-1], "reasons": ";".join(e["reasons"]),
-            "score": "" if e["score"] is None else f"{e['score']:.4f}", "label": row.fields.get("label", ""),
-            "suggested_label": e.get("suggested_label", ""), "duplicate_of": e.get("duplicate_of", ""),
-            "text": row_text(row.fields)[:2000], "decision": "", "new_label": "", "sha": text_sha(row.fields),
+            "score": "" if e["score"] is None else f"{e['score']:.4f}", "label": _cell(row.fields.get("label", "")),
+            "suggested_label": _cell(e.get("suggested_label", "")), "duplicate_of": e.get("duplicate_of", ""),
+            "text": _cell(row_text(row.fields)[:2000]), "decision": "", "new_label": "", "sha": text_sha(row.fields),
         })
     atomic_write_text(Path(path), buf.getvalue())
     return len(entries)
@@ -66,7 +81,11 @@ def parse_review(path: Path, labels: Optional[set] = None) -> tuple[dict, dict]:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: file not found.")
-    text = path.read_text(encoding="utf-8-sig")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = path.read_bytes()[: exc.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text; save the sheet as 'CSV UTF-8' and apply it again.") from None
     reader = csv.DictReader(io.StringIO(text, newline=""))
     missing = [c for c in ("id", "decision", "new_label") if c not in (reader.fieldnames or [])]
     if missing:
@@ -75,8 +94,11 @@ def parse_review(path: Path, labels: Optional[set] = None) -> tuple[dict, dict]:
     decisions: dict[str, dict] = {}
     problems = []
     counts = {"keep": 0, "drop": 0, "relabel": 0, "undecided": 0}
+    end = reader.line_num  # the header's last line
     for record in reader:
-        line = reader.line_num
+        # A record spans several lines when a cell holds newlines; line_num is
+        # its last line, so the record starts one after the previous one ended.
+        line, end = end + 1, reader.line_num
         decision = (record.get("decision") or "").strip().lower()
         new_label = (record.get("new_label") or "").strip()
         row_id = (record.get("id") or "").strip()
@@ -136,4 +158,7 @@ def read_decisions(path: Path) -> dict:
     for row_id, d in decisions.items():
         if not isinstance(d, dict) or d.get("decision") not in DECISIONS:
             raise DataError(f"{path}: decision for {row_id} must be one of keep, drop, relabel.")
+        if d["decision"] == "relabel" and not str(d.get("label") or "").strip():
+            raise DataError(f"{path}: the relabel decision for {row_id} has no 'label'; write the file with "
+                            "`tuneforge data review apply`.")
     return decisions

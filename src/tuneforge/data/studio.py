@@ -16,7 +16,7 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 from tuneforge.data.formats import loader_task, map_texts, resolve_kind, row_text
 from tuneforge.data.load import DataError, Reject, load_file
@@ -222,7 +222,10 @@ def balance_train(train: list[Row], mode: str, seed: int) -> tuple[list[Row], di
         extra = []
         for lab in sorted(by_label):
             need = top - counts[lab]
-            extra += [train[i] for i in rng.choices(by_label[lab], k=need)] if need else []
+            # Copies, not the same Row: trainers edit rows in place (pair joining,
+            # fairness reweighing), and a shared dict would be edited twice.
+            extra += [Row(train[i].id, dict(train[i].fields)) for i in rng.choices(by_label[lab], k=need)] \
+                if need else []
         return train + extra, {}, len(extra), {}
     low = min(counts.values())
     keep = set()
@@ -232,10 +235,33 @@ def balance_train(train: list[Row], mode: str, seed: int) -> tuple[list[Row], di
     return out, {"undersampled": n - len(out)}, 0, {}
 
 
+def swapped_copy(fields: dict, lexicon, keep_columns: Sequence[str]) -> Optional[dict]:
+    """The row with every term of `lexicon` swapped in all its texts, or None
+    when nothing swaps. A kept column holding one of the lexicon's group names
+    (e.g. a gender column) is swapped too: the copy is about the other group."""
+    from tuneforge.fairness.terms import swap_terms
+
+    swaps = 0
+
+    def swap(text: str) -> str:
+        nonlocal swaps
+        new, n = swap_terms(text, lexicon)
+        swaps += n
+        return new
+
+    out = map_texts(fields, swap)
+    if not swaps:
+        return None
+    a, b = lexicon.groups
+    for col in keep_columns:
+        if out.get(col) in (a, b):
+            out[col] = b if out[col] == a else a
+    return out
+
+
 def counterfactual_copies(train: list[Row], cfg, keep_columns: list[str]) -> tuple[list[Row], dict]:
-    """One swapped copy per row and lexicon that swaps at least one term. A kept
-    column holding a lexicon group name (e.g. a gender column) is swapped too."""
-    from tuneforge.fairness.terms import load_lexicons, swap_terms
+    """One swapped copy per row and lexicon that swaps at least one term."""
+    from tuneforge.fairness.terms import load_lexicons
 
     lexicons = load_lexicons(cfg.extra_terms)
     names = cfg.lexicons or sorted(lexicons)
@@ -244,26 +270,12 @@ def counterfactual_copies(train: list[Row], cfg, keep_columns: list[str]) -> tup
         raise DataError(f"data.augment.lexicons: unknown term list(s) {unknown}; known: {sorted(lexicons)}.")
     copies, per_lexicon = [], {}
     for name in names:
-        lex = lexicons[name]
         made = 0
         for row in train:
-            swaps = 0
-
-            def swap(text: str) -> str:
-                nonlocal swaps
-                new, n = swap_terms(text, lex)
-                swaps += n
-                return new
-
-            fields = map_texts(row.fields, swap)
-            if not swaps:
-                continue
-            a, b = lex.groups
-            for col in keep_columns:
-                if fields.get(col) in (a, b):
-                    fields[col] = b if fields[col] == a else a
-            copies.append(Row(f"{row.id}+{name}", fields))
-            made += 1
+            fields = swapped_copy(row.fields, lexicons[name], keep_columns)
+            if fields is not None:
+                copies.append(Row(f"{row.id}+{name}", fields))
+                made += 1
         per_lexicon[name] = made
     return copies, per_lexicon
 
@@ -294,15 +306,12 @@ def tokenizer_identity(model: str) -> str:
 
 
 def load_tokenizer(model: str):
-    from transformers import AutoTokenizer
-
     from tuneforge import catalog
     from tuneforge.models import DEFAULT_CHAT_TEMPLATE, quiet_transformers
+    from tuneforge.models import load_tokenizer as load_plain
 
     quiet_transformers()
-    tok = AutoTokenizer.from_pretrained(catalog.resolve(model))
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
+    tok = load_plain(catalog.resolve(model))  # pad token set as training sets it
     if not getattr(tok, "chat_template", None):
         tok.chat_template = DEFAULT_CHAT_TEMPLATE  # as models.load_causal_lm does, so counts match training
     return tok
@@ -353,9 +362,11 @@ def terms_digest(cfg) -> str:
 
 
 def _code_digest() -> str:
-    """The data package's source: editing a step invalidates what it cached."""
+    """The data package's source, and the term-swapping code the augment step
+    runs (fairness/terms.py): editing a step invalidates what it cached."""
     digest = hashlib.sha256()
-    for path in sorted(Path(__file__).parent.glob("*.py")):
+    here = Path(__file__).parent
+    for path in sorted(here.glob("*.py")) + [here.parent / "fairness" / "terms.py"]:
         digest.update(path.name.encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()
 
@@ -583,7 +594,8 @@ def prepare_data(recipe, use_cache: Optional[bool] = None, log: Callable[[str], 
             raise DataError(f"{cfg.train}: classification needs at least two labels, found {labels}.")
     if cfg.balance != "none":
         if not labelled:
-            raise DataError(f"data.balance={cfg.balance} needs labelled data; this is {kind} data.")
+            raise DataError(f"data.balance={cfg.balance} needs labelled data; this is {kind} data. "
+                            "Set data.balance: none.")
         new_train, rem, add, extra = balance_train(train, cfg.balance, seed)
         record("balance", {**rows, "train": new_train}, {"train": rem}, added={"train": add} if add else None,
                mode=cfg.balance, **extra)
@@ -622,7 +634,8 @@ def _carve_rows(pairs: list[tuple], fraction: float, seed: int, stratify: bool) 
         return pairs, []
     n_out = max(1, round(len(pairs) * fraction))
     if n_out >= len(pairs):
-        raise DataError(f"only {len(pairs)} usable training rows: too few to carve out a split of {fraction:.0%}.")
+        raise DataError(f"only {len(pairs)} usable training rows: too few to carve out a split of {fraction:.0%}. "
+                        "Add rows, give data.validation / data.test files, or lower those parts of data.split.")
     labels = [f["label"] for _, f in pairs] if stratify else None
     counts: dict = {}
     for lab in labels or []:

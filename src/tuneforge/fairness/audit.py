@@ -207,8 +207,8 @@ class GroupAudit:
         `thresholds` uses the recipe's keys (see GATE_RULES; `None` values are
         unset). A disparity that cannot be computed (fewer than two groups with
         data) fails its check: a gate that cannot look must not pass.
-        `extra` holds further {key: (value, "max"|"min", limit)} checks, e.g.
-        the counterfactual flip rate.
+        `extra` holds further {key: (value, "max"|"min", limit[, why it may
+        be missing])} checks, e.g. the counterfactual flip rate.
         """
         checks = []
         for key, limit in (thresholds or {}).items():
@@ -218,16 +218,16 @@ class GroupAudit:
             for grouping, res in self.results_["groupings"].items():
                 value = res["disparities"].get(metric)
                 checks.append(_check(f"{metric} ({grouping})", value, kind, limit))
-        for name, (value, kind, limit) in (extra or {}).items():
-            checks.append(_check(name, value, kind, limit))
+        for name, (value, kind, limit, *why) in (extra or {}).items():
+            checks.append(_check(name, value, kind, limit, *why))
         return {"passed": all(c["passed"] for c in checks), "checks": checks}
 
 
-def _check(name: str, value, kind: str, limit: float) -> dict:
+def _check(name: str, value, kind: str, limit: float,
+           missing: str = "could not be computed: fewer than two groups with data") -> dict:
     value = None if value is None else _finite(value)
     if value is None:
-        return {"check": name, "value": None, "limit": limit, "rule": kind, "passed": False,
-                "reason": "could not be computed (fewer than two groups with data?)"}
+        return {"check": name, "value": None, "limit": limit, "rule": kind, "passed": False, "reason": missing}
     passed = value <= limit if kind == "max" else value >= limit
     sign = "<=" if kind == "max" else ">="
     return {"check": name, "value": value, "limit": limit, "rule": kind, "passed": bool(passed),

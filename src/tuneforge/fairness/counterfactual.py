@@ -54,9 +54,10 @@ def flip_probe(predict: Callable[[list[str]], np.ndarray], texts: Sequence[str],
             after = predict([p[2] for p in pairs])
             flips = before.argmax(1) != after.argmax(1)
             delta = after[:, positive] - before[:, positive]
-            res.update(flip_rate=float(flips.mean()), flip_rate_ci=list(mean_ci(flips, n_boot=n_boot, seed=seed)),
+            res.update(flip_rate=float(flips.mean()),
+                       flip_rate_ci=list(mean_ci(flips, n_boot=n_boot, seed=seed)) if n_boot else None,
                        mean_abs_delta=float(np.abs(delta).mean()),
-                       mean_abs_delta_ci=list(mean_ci(np.abs(delta), n_boot=n_boot, seed=seed)),
+                       mean_abs_delta_ci=list(mean_ci(np.abs(delta), n_boot=n_boot, seed=seed)) if n_boot else None,
                        by_direction={d: {"pairs": int(sum(p[3] == d for p in pairs)),
                                          "mean_delta": float(np.mean([x for x, p in zip(delta, pairs) if p[3] == d]))}
                                      for d in sorted({p[3] for p in pairs})})

@@ -34,29 +34,15 @@ def reweighing_weights(groups: Sequence[str], labels: Sequence[str]) -> list[flo
     return [pg[g] * py[y] / (n * pgy[(g, y)]) for g, y in zip(groups, labels)]
 
 
-def counterfactual_augment(rows: list[dict], lexicons: Sequence, text_key: str = "text",
-                           group_columns: Sequence[str] = ()) -> list[dict]:
+def counterfactual_augment(rows: list[dict], lexicons: Sequence, group_columns: Sequence[str] = ()) -> list[dict]:
     """Counterfactual data augmentation: every row that mentions a term of a
-    lexicon gets a copy with the terms swapped (he <-> she, ...), same label.
+    lexicon gets a copy with the terms swapped (he <-> she, ...), same label;
+    the data studio's swap (data.augment.counterfactual), on rows already split.
+    Returns the original rows followed by the copies."""
+    from tuneforge.data.studio import swapped_copy
 
-    A group column whose value names one of the lexicon's groups is swapped
-    too (the copy is about the other group); any other value is kept. Returns
-    the original rows followed by the copies.
-    """
-    from tuneforge.fairness.terms import swap_terms
-
-    copies = []
-    for row in rows:
-        for lexicon in lexicons:
-            text, n = swap_terms(row[text_key], lexicon)
-            if not n or text == row[text_key]:
-                continue
-            copy = dict(row, **{text_key: text})
-            a, b = lexicon.groups
-            for col in group_columns:
-                value = str(copy.get(col))
-                copy[col] = b if value == a else a if value == b else copy.get(col)
-            copies.append(copy)
+    copies = [copy for row in rows for lexicon in lexicons
+              if (copy := swapped_copy(row, lexicon, group_columns)) is not None]
     return list(rows) + copies
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Optional
 
 from tuneforge.fairness.audit import DISPARITIES, GROUP_METRICS
+from tuneforge.fsio import atomic_write_bytes
 from tuneforge.report import CSS, _html_table, _md_table, _plt, _png
 
 Section = tuple[str, str, str]  # (title, html, markdown)
@@ -38,8 +39,9 @@ def fig_groups(grouping: str, res: dict) -> Optional[bytes]:
         row = res["groups"][g]
         values = [row.get(m) if row.get(m) is not None else np.nan for m in GROUP_METRICS]
         cis = (row.get("ci") or {})
-        lo = [v - cis[m][0] if cis.get(m) and v == v else 0 for m, v in zip(GROUP_METRICS, values)]
-        hi = [cis[m][1] - v if cis.get(m) and v == v else 0 for m, v in zip(GROUP_METRICS, values)]
+        # Clipped at 0: a percentile interval need not contain the point estimate.
+        lo = [max(v - cis[m][0], 0) if cis.get(m) and v == v else 0 for m, v in zip(GROUP_METRICS, values)]
+        hi = [max(cis[m][1] - v, 0) if cis.get(m) and v == v else 0 for m, v in zip(GROUP_METRICS, values)]
         ax.bar(x + (j - (len(groups) - 1) / 2) * width, values, width * 0.95, yerr=[lo, hi], capsize=3,
                label=f"{g} (n={row['n']})")
     short = {"selection_rate": "selection rate", "true_positive_rate": "TPR", "false_positive_rate": "FPR", "f1": "F1"}
@@ -47,6 +49,12 @@ def fig_groups(grouping: str, res: dict) -> Optional[bytes]:
     ax.set(ylim=(0, 1.05), ylabel="rate", title=f"By {grouping} (error bars: 95% bootstrap interval)")
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=min(4, len(groups)), frameon=False)
     return _png(fig)
+
+
+def _err(value: float, ci) -> Optional[list]:
+    """Error bar lengths below and above, clipped at 0: a percentile bootstrap
+    interval need not contain the point estimate (a max of gaps is biased up)."""
+    return [[max(value - ci[0], 0.0)], [max(ci[1] - value, 0.0)]] if ci else None
 
 
 def fig_tradeoff(variants: list[dict]) -> Optional[bytes]:
@@ -57,10 +65,8 @@ def fig_tradeoff(variants: list[dict]) -> Optional[bytes]:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for v in points:
-        ci = v.get("equalized_odds_difference_ci")
-        xerr = [[v["equalized_odds_difference"] - ci[0]], [ci[1] - v["equalized_odds_difference"]]] if ci else None
-        acc_ci = v.get("accuracy_ci")
-        yerr = [[v["accuracy"] - acc_ci[0]], [acc_ci[1] - v["accuracy"]]] if acc_ci else None
+        xerr, yerr = _err(v["equalized_odds_difference"], v.get("equalized_odds_difference_ci")), \
+            _err(v["accuracy"], v.get("accuracy_ci"))
         ax.errorbar(v["equalized_odds_difference"], v["accuracy"], xerr=xerr, yerr=yerr, fmt="o", capsize=3,
                     label=v["name"])
     ax.set(xlabel="equalized odds difference (lower is fairer)", ylabel="accuracy",
@@ -74,7 +80,7 @@ def _figure(png: bytes, title: str, files_dir: Optional[Path], key: str) -> tupl
     md = ""
     if files_dir is not None:
         files_dir.mkdir(parents=True, exist_ok=True)
-        (files_dir / f"{key}.png").write_bytes(png)
+        atomic_write_bytes(files_dir / f"{key}.png", png)
         md = f"![{title}]({files_dir.name}/{key}.png)"
     return f'<figure><img alt="{html.escape(title)}" src="data:image/png;base64,{data}"></figure>', md
 

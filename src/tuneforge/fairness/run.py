@@ -59,6 +59,23 @@ def joint_groups(groups: dict[str, list[str]]) -> list[str]:
     return out
 
 
+def served_groups(postprocessor, rows: Sequence[dict]) -> Optional[list[str]]:
+    """The groups a saved post-processor sees at inference, so the audit judges
+    what a served model returns: the column(s) it was fitted on (joined as in
+    training), or None when it detects groups from the text itself. The audit's
+    own --group may differ; it decides only how results are broken down."""
+    column = postprocessor.group_source.get("column")
+    if not column:
+        return None
+    names = column.split(" & ")
+    missing = [c for c in names if any(c not in r for r in rows)]
+    if missing:
+        raise ValueError(f"the model's fairness post-processing assigns thresholds by column '{column}', which "
+                         f"rows of the audited data lack ({', '.join(missing)}); audit data that has it, and list "
+                         "it with --group or data.keep_columns")
+    return joint_groups({c: [str(r[c]) for r in rows] for c in names})
+
+
 def _variant(name: str, audit: GroupAudit, correct: np.ndarray, n_boot: int) -> dict:
     """A row of the accuracy-vs-disparity comparison: overall accuracy and the
     disparities of the most detailed grouping (the intersection when there is one)."""
@@ -67,7 +84,7 @@ def _variant(name: str, audit: GroupAudit, correct: np.ndarray, n_boot: int) -> 
     grouping, res = list(audit.results_["groupings"].items())[-1]
     d = res.get("disparities") or {}
     return {"name": name, "grouping": grouping, "accuracy": float(correct.mean()),
-            "accuracy_ci": list(mean_ci(correct, n_boot=max(n_boot, 1))),
+            "accuracy_ci": list(mean_ci(correct, n_boot=n_boot)) if n_boot else None,
             **{k: d.get(k) for k in ("equalized_odds_difference", "equal_opportunity_difference",
                                      "demographic_parity_difference", "demographic_parity_ratio")},
             "equalized_odds_difference_ci": (d.get("ci") or {}).get("equalized_odds_difference")}
@@ -94,7 +111,7 @@ def audit_rows(predict: Callable[[list[str]], np.ndarray], rows: Sequence[dict],
                     "variants": [_variant(name, audit, np.array(y_true) == np.array(y_pred), cfg.bootstrap)]}
     gated = audit
     if postprocessor is not None:
-        post_pred = postprocessor(probs, joint_groups(groups), random_state=seed)
+        post_pred = postprocessor(probs, served_groups(postprocessor, rows), texts=texts, random_state=seed)
         post = GroupAudit(cfg.positive_label, n_boot=cfg.bootstrap, seed=seed).fit(y_true, post_pred, groups, labels)
         result["postprocessed"] = {"audit": post.results_, "constraint": postprocessor.thresholds.constraint}
         result["variants"].append(_variant(f"{name} + {postprocessor.thresholds.constraint} thresholds", post,
@@ -104,11 +121,14 @@ def audit_rows(predict: Callable[[list[str]], np.ndarray], rows: Sequence[dict],
     if counterfactual:
         pos = positive_index(labels, cfg.positive_label)
         result["counterfactual"] = flip_probe(predict, texts, list(lexicons.values()), labels, pos,
-                                              n_boot=max(cfg.bootstrap, 1), seed=seed)
+                                              n_boot=cfg.bootstrap, seed=seed)
         limit = cfg.thresholds.counterfactual_flip_rate
         if limit is not None:
             for lex, res in result["counterfactual"].items():
-                extra[f"counterfactual_flip_rate ({lex})"] = (res.get("flip_rate"), "max", limit)
+                extra[f"counterfactual_flip_rate ({lex})"] = (
+                    res.get("flip_rate"), "max", limit,
+                    f"could not be computed: no text contains a '{lex}' term to swap; audit data that does, "
+                    "or unset fairness.thresholds.counterfactual_flip_rate")
     thresholds = cfg.thresholds.model_dump()
     result["thresholds"] = thresholds
     result["gate"] = gated.score(thresholds, extra)
@@ -177,11 +197,30 @@ def before_training(recipe, splits, run) -> Optional[Callable]:
     return penalty
 
 
+def _fit_thresholds(constraint: str, scores, truth: list[int], groups: list[str]):
+    """ThresholdOptimizer on the validation groups that hold both labels (it
+    cannot fit a group with one); the others keep the model's own decision at
+    inference. None, with a warning, when no group can be fitted."""
+    from tuneforge.fairness.mitigate import ThresholdPostprocessor
+
+    both = {g for g in set(groups) if len({t for t, h in zip(truth, groups) if h == g}) == 2}
+    left_out = sorted(set(groups) - both)
+    if left_out:
+        console.print(f"[yellow]fairness: no post-processing thresholds for group(s) {', '.join(left_out)}: their "
+                      "validation rows hold one label only, so they keep the model's own decision")
+    if not both:
+        console.print("[yellow]fairness: post-processing skipped: no group has validation rows of both labels")
+        return None
+    keep = np.array([g in both for g in groups])
+    return ThresholdPostprocessor(constraint).fit(np.asarray(scores)[keep], np.asarray(truth)[keep],
+                                                  np.asarray(groups)[keep])
+
+
 def after_training(recipe, run, predict: Callable[[list[str]], np.ndarray], splits) -> Optional[dict]:
     """Fit the post-processing on validation (saved with the model) and audit
     the test split into RUN/audit/. Never fails the run: the gate is for
     `tuneforge audit`."""
-    from tuneforge.fairness.mitigate import ThresholdPostprocessor, load_postprocessor, save_postprocessor
+    from tuneforge.fairness.mitigate import load_postprocessor, save_postprocessor
 
     cfg = recipe.fairness
     if recipe.task != "classification" or not cfg.active:
@@ -189,7 +228,7 @@ def after_training(recipe, run, predict: Callable[[list[str]], np.ndarray], spli
     lexicons = select_lexicons(cfg)
     labels = list(splits.labels)
     pos = positive_index(labels, cfg.positive_label)
-    post = None
+    post, fitted = None, None
     if cfg.postprocess != "none":
         if not splits.validation:
             console.print("[yellow]fairness: no validation rows to fit the post-processing on; skipped")
@@ -197,7 +236,8 @@ def after_training(recipe, run, predict: Callable[[list[str]], np.ndarray], spli
             groups = joint_groups(group_values(splits.validation, cfg, lexicons))
             probs = predict([r["text"] for r in splits.validation])
             truth = [int(str(r["label"]) == labels[pos]) for r in splits.validation]
-            fitted = ThresholdPostprocessor(cfg.postprocess).fit(probs[:, pos], truth, groups)
+            fitted = _fit_thresholds(cfg.postprocess, probs[:, pos], truth, groups)
+        if fitted is not None:
             lex = lexicons[cfg.lexicons[0]] if cfg.lexicons else None
             # The term list travels inside the file, so an exported model needs nothing else.
             source = ({"column": " & ".join(cfg.groups)} if cfg.groups else
