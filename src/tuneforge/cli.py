@@ -20,25 +20,13 @@ app = typer.Typer(
     help="Fine-tune language models from one YAML recipe: data -> training -> evaluation -> run record.",
 )
 
-EXIT_RECIPE = 2
-EXIT_DATA = 3
+from tuneforge.cli_common import EXIT_DATA, EXIT_RECIPE, Device  # noqa: F401  (re-exported to command modules)
+from tuneforge.cli_common import fail as _fail
 
 
 class Starter(str, Enum):
     classification = "classification"
     sft = "sft"
-
-
-class Device(str, Enum):
-    auto = "auto"
-    cpu = "cpu"
-    cuda = "cuda"
-    mps = "mps"
-
-
-def _fail(message: str, code: int) -> None:
-    typer.echo(message, err=True)
-    raise typer.Exit(code)
 
 
 @app.command()

@@ -54,7 +54,13 @@ def inspect(
     duplicates, near-duplicate clusters, contamination, PII, encoding, outliers, likely label errors.
     """
     from tuneforge.cli import EXIT_DATA, _fail, _load
-    from tuneforge.data.inspect import SUMMARY_HEADER, inspect_data, public, summary_rows, write_html
+    from tuneforge.data.inspect import (
+        SUMMARY_HEADER,
+        inspect_data,
+        public,
+        summary_rows,
+        write_html,
+    )
     from tuneforge.data.load import DataError
     from tuneforge.fsio import atomic_write_json
 
@@ -170,7 +176,12 @@ def preview(
     """
     from tuneforge.cli import EXIT_DATA, _fail, _load
     from tuneforge.data.load import DataError
-    from tuneforge.data.preview import build_block_preview, build_preview, to_html, to_rich
+    from tuneforge.data.preview import (
+        build_block_preview,
+        build_preview,
+        to_html,
+        to_rich,
+    )
     from tuneforge.data.studio import load_tokenizer, prepare_data
     from tuneforge.fsio import atomic_write_text
 

@@ -8,17 +8,12 @@ from typing import List, Optional
 
 import typer
 
+from tuneforge.cli_common import Device, fail
+
 
 class Engine(str, Enum):
     torch = "torch"
     vllm = "vllm"
-
-
-class Device(str, Enum):
-    auto = "auto"
-    cpu = "cpu"
-    cuda = "cuda"
-    mps = "mps"
 
 
 class LogInputs(str, Enum):
@@ -27,8 +22,7 @@ class LogInputs(str, Enum):
 
 
 def _fail(message: str, code: int = 1) -> None:
-    typer.echo(message, err=True)
-    raise typer.Exit(code)
+    fail(message, code)
 
 
 def _adapters(specs: Optional[List[str]]) -> dict:
@@ -73,7 +67,12 @@ def serve(
     /v1/classify, /v1/models, /metrics; /health is the only route without a key)."""
     import os
 
-    from tuneforge.serve.security import ADMIN_KEYS_ENV, API_KEYS_ENV, new_key, read_keys
+    from tuneforge.serve.security import (
+        ADMIN_KEYS_ENV,
+        API_KEYS_ENV,
+        new_key,
+        read_keys,
+    )
 
     adapters = _adapters(adapter)
     try:
