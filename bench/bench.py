@@ -71,10 +71,15 @@ def worker_sft_tuneforge(args) -> dict:
         held.write_text("".join(json.dumps(r) + "\n" for r in sft_rows(args.sft_rows + 4)[-4:]))
         recipe = {
             "model": "smollm2-135m-instruct", "task": "sft",
-            "data": {"train": str(data), "validation": str(held), "test": str(held), "dedup": False},
+            # No cleaning: the baseline trains on the raw rows, token for token the same.
+            "data": {"train": str(data), "validation": str(held), "test": str(held), "dedup": False,
+                     "clean": {"nfkc": False, "whitespace": False}},
             "method": {"name": "lora", "r": s["r"], "alpha": s["alpha"], "dropout": s["dropout"]},
+            # group_by_length off: the same random batches as the baseline (which is
+            # fed our order), so the loss curves compare step by step.
             "train": {"epochs": 1, "batch_size": s["batch_size"], "learning_rate": s["learning_rate"], "warmup": 0,
-                      "max_length": s["max_length"], "seed": SEED, "log_every": 1, "eval_every": 10_000},
+                      "max_length": s["max_length"], "seed": SEED, "log_every": 1, "eval_every": 10_000,
+                      "group_by_length": False},
             "eval": {"baseline": False, "max_generate": 1, "max_new_tokens": 4, "bootstrap": False},
         }
         out = Path(tmp) / "run"
@@ -95,7 +100,13 @@ def _tokenised_sft(args):
 
     tok = load_tokenizer(catalog.resolve("smollm2-135m-instruct"))
     rendered = [render(tok, to_messages(r, None), args.sft_max_length) for r in sft_rows(args.sft_rows)]
-    return tok, [{"input_ids": r.input_ids, "labels": r.labels} for r in rendered if r.n_target]
+    rows = [{"input_ids": r.input_ids, "labels": r.labels} for r in rendered if r.n_target]
+    # tuneforge's data order for this seed (no length grouping): the baseline is fed
+    # its rows in that order, so both sides take the same batches step by step.
+    from tuneforge.training.batching import plan_epoch
+
+    plan = plan_epoch([len(r["input_ids"]) for r in rows], args.sft_batch, 1, SEED, 0, False)
+    return tok, [rows[i] for step in plan for mb in step for i in mb]
 
 
 def worker_sft_baseline(args) -> dict:
@@ -130,7 +141,11 @@ def worker_sft_baseline(args) -> dict:
         targs = TrainingArguments(output_dir=tmp, per_device_train_batch_size=s["batch_size"], num_train_epochs=1,
                                   learning_rate=s["learning_rate"], logging_steps=1, save_strategy="no", seed=SEED,
                                   report_to="none", disable_tqdm=True, use_cpu=True, remove_unused_columns=False)
-        trainer = Trainer(model=model, args=targs, train_dataset=rows, data_collator=collate, callbacks=[Keep()])
+        class InOrder(Trainer):  # default Trainer, except that it keeps the order given
+            def _get_train_sampler(self, train_dataset=None):
+                return torch.utils.data.SequentialSampler(train_dataset or self.train_dataset)
+
+        trainer = InOrder(model=model, args=targs, train_dataset=rows, data_collator=collate, callbacks=[Keep()])
         t0 = time.perf_counter()
         trainer.train()
         seconds = time.perf_counter() - t0
@@ -155,6 +170,7 @@ def worker_cls_tuneforge(args) -> dict:
             "data": {"train": str(SST2 / "train.tsv"), "validation": str(SST2 / "dev.tsv"),
                      "test": str(SST2 / "dev.tsv"), "text_column": "sentence", "max_rows": s["rows"], "dedup": False},
             "method": {"name": "full"},
+            # Length-grouped batches (tuneforge's default): the classification win.
             "train": {"epochs": 1, "batch_size": s["batch_size"], "learning_rate": s["learning_rate"], "warmup": 0,
                       "max_length": s["max_length"], "seed": SEED, "log_every": 1, "eval_every": 10_000},
             "eval": {"bootstrap": False},
@@ -286,6 +302,9 @@ def main() -> None:
             "train_seconds_tuneforge": tf["train_seconds"], "train_seconds_baseline": hf["train_seconds"],
             "loss_tuneforge": mean_tail(tf["losses"]), "loss_baseline": mean_tail(hf["losses"]),
             "useful_tokens": tf["useful_tokens"],
+            # Same batches in the same order: the curves compare step by step.
+            "loss_curve_tuneforge": tf["losses"], "loss_curve_baseline": hf["losses"],
+            "loss_curve_max_abs_diff": max(abs(a - b) for a, b in zip(tf["losses"], hf["losses"])),
         },
         "classification": {
             "examples_per_s_tuneforge": eps["tuneforge"], "examples_per_s_baseline": eps["baseline"],
@@ -306,7 +325,7 @@ def main() -> None:
                          tuneforge     HF baseline   ratio
 SFT useful tokens/s    {s['tokens_per_s_tuneforge']:10.1f}    {s['tokens_per_s_baseline']:10.1f}    {s['speedup']:.2f}x
 SFT peak RSS (MB)      {s['peak_rss_mb_tuneforge']:10.0f}    {s['peak_rss_mb_baseline']:10.0f}    {s['memory_ratio']:.2f}
-SFT final loss (mean5) {s['loss_tuneforge']:10.4f}    {s['loss_baseline']:10.4f}
+SFT final loss (mean5) {s['loss_tuneforge']:10.4f}    {s['loss_baseline']:10.4f}    max step diff {s['loss_curve_max_abs_diff']:.4f}
 CLS examples/s         {c['examples_per_s_tuneforge']:10.1f}    {c['examples_per_s_baseline']:10.1f}    {c['speedup']:.2f}x
 CLS dev accuracy       {c['accuracy_tuneforge']:10.4f}    {c['accuracy_baseline']:10.4f}
 CLS peak RSS (MB)      {c['peak_rss_mb_tuneforge']:10.0f}    {c['peak_rss_mb_baseline']:10.0f}

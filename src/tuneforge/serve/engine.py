@@ -16,7 +16,10 @@ import torch
 from tuneforge.inference import encode, predict_proba
 from tuneforge.training.batching import attention_mask, pad
 
-CLASSIFY_CHUNK = 64  # texts per forward pass inside one micro-batch
+# Texts per forward pass inside one micro-batch, sorted by length first: small
+# length-sorted chunks pad least (minilm-l6, SST-2 texts, 2 cores: 226 texts/s
+# in chunks of 8 against 173 in one chunk of 32).
+CLASSIFY_CHUNK = 8
 
 
 def classify(served, texts: list[str], device) -> tuple[list[list[float]], int]:
