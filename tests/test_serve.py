@@ -188,8 +188,9 @@ def test_models_list_and_adapter_switch_match_plain_transformers(gen, runs):
 def test_chat_streams_chunks_before_the_end(gen):
     client = gen.client()
     full = _chat(client, "sftA", max_tokens=150).choices[0].message.content
-    begun, arrivals, pieces, finish = time.perf_counter(), [], [], None
+    begun, arrivals, pieces, finish, chunks = time.perf_counter(), [], [], None, []
     for chunk in _chat(client, "sftA", max_tokens=150, stream=True):
+        chunks.append(chunk)
         choice = chunk.choices[0]
         if choice.delta.content:
             arrivals.append(time.perf_counter() - begun)
@@ -198,6 +199,11 @@ def test_chat_streams_chunks_before_the_end(gen):
     end = time.perf_counter() - begun
     assert "".join(pieces) == full and finish in ("length", "stop")
     assert len(pieces) >= 10
+    # OpenAI's order: the role delta opens, the finish_reason (with an empty delta) closes.
+    assert chunks[0].choices[0].delta.role == "assistant" and chunks[0].object == "chat.completion.chunk"
+    assert [c.choices[0].finish_reason for c in chunks].count(None) == len(chunks) - 1
+    assert chunks[-1].choices[0].finish_reason == finish and chunks[-1].choices[0].delta.content is None
+    assert len({c.id for c in chunks}) == 1 and chunks[0].id.startswith("chatcmpl-")
     assert arrivals[0] < end / 2  # the first text came long before the last
 
 
@@ -220,6 +226,31 @@ def test_concurrent_generations_share_batches_and_keep_their_answers(gen):
     assert gen.metric("tuneforge_batch_size_count", kind="generate") - calls < len(jobs)
 
 
+def test_a_short_answer_does_not_wait_for_a_long_one_in_its_batch():
+    live = _serve("tiny-llama", settings={"max_wait_ms": 400})  # both requests land in one batch
+    try:
+        clients = {400: live.client(), 2: live.client()}
+
+        def ask(max_tokens):
+            sent = time.perf_counter()
+            reply = _chat(clients[max_tokens], "tiny-llama", max_tokens=max_tokens)
+            return reply.usage.completion_tokens, sent, time.perf_counter()
+
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            long = pool.submit(ask, 400)
+            time.sleep(0.05)
+            short = pool.submit(ask, 2)
+            (long_tokens, long_sent, long_end), (short_tokens, _, short_end) = long.result(), short.result()
+        assert (long_tokens, short_tokens) == (400, 2)
+        assert live.metric("tuneforge_batch_size_count", kind="generate") == 1  # they shared one batch
+        # The batch starts at the latest 0.4 s after the long request was sent; the
+        # short answer comes after its 2 tokens, not after the long one's 400.
+        decoding = long_end - (long_sent + 0.4)
+        assert long_end - short_end > decoding / 2, (long_end - short_end, decoding)
+    finally:
+        live.stop()
+
+
 def test_completions_seed_n_and_stop(gen):
     client = gen.client()
     kw = {"model": "sftA", "prompt": ["The date is", "Hello"], "max_tokens": 10, "n": 2, "temperature": 1.0,
@@ -234,9 +265,11 @@ def test_completions_seed_n_and_stop(gen):
     stop = text[len(text) // 2: len(text) // 2 + 3]
     cut = client.completions.create(model="sftA", prompt="The date is", max_tokens=10, temperature=0, stop=[stop])
     assert cut.choices[0].text == text[:text.index(stop)] and cut.choices[0].finish_reason == "stop"
-    streamed = client.completions.create(model="sftA", prompt="The date is", max_tokens=10, temperature=0,
-                                         stop=[stop], stream=True)
-    assert "".join(c.choices[0].text for c in streamed if c.choices) == text[:text.index(stop)]
+    streamed = list(client.completions.create(model="sftA", prompt="The date is", max_tokens=10, temperature=0,
+                                              stop=[stop], stream=True))
+    assert all(c.choices for c in streamed)  # no empty opening chunk: completions streams have no role delta
+    assert "".join(c.choices[0].text for c in streamed) == text[:text.index(stop)]
+    assert streamed[-1].choices[0].finish_reason == "stop"
 
 
 def test_max_tokens_is_capped_by_the_context(gen):
@@ -264,12 +297,28 @@ def test_invalid_requests_get_openai_errors(gen, cls):
     with pytest.raises(openai.BadRequestError) as err:
         client.chat.completions.create(model="sftA", messages=[{"role": "user", "content": "x"}], n=9)
     assert err.value.body["param"] == "n"
+    with pytest.raises(openai.UnprocessableEntityError) as err:  # not an int64: a 422, not a crashed sampler
+        client.completions.create(model="sftA", prompt="x", max_tokens=1, seed=2**64)
+    assert err.value.body["param"] == "seed"
+    with pytest.raises(openai.BadRequestError) as err:  # would change the answer: refused, not ignored
+        client.chat.completions.create(model="sftA", messages=[{"role": "user", "content": "x"}], presence_penalty=1)
+    assert err.value.body["param"] == "presence_penalty"
     bad_json = httpx.post(gen.url + "/v1/chat/completions", content=b"{not json",
                           headers={"Authorization": f"Bearer {KEY}", "content-type": "application/json"})
     assert bad_json.status_code == 422 and set(bad_json.json()["error"]) == {"message", "type", "param", "code"}
     wrong_task = cls.http("POST", "/v1/chat/completions", json={"model": "A", "messages": [{"role": "user",
                                                                                            "content": "x"}]})
     assert wrong_task.status_code == 400 and "/v1/classify" in wrong_task.json()["error"]["message"]
+    # An empty prompt has no position to decode from: refused, not a crashed batch.
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model="sftA", prompt="", max_tokens=2)
+    assert err.value.body["param"] == "prompt" and "empty" in err.value.body["message"]
+    # One request may not hold more sequences than a batch (32 by default).
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model="sftA", prompt=["a"] * 9, n=4, max_tokens=1)
+    assert "36 sequences" in err.value.body["message"]
+    # Unknown model names never become metrics labels (a client could grow /metrics without bound).
+    assert "no-such-model" not in gen.http("GET", "/metrics").text
 
 
 # ------------------------------------------------------------------ classification
@@ -301,7 +350,7 @@ def test_classify_adapters_match_their_runs_and_batching_keeps_answers(cls, runs
     assert cls.metric("tuneforge_batch_size_count", kind="classify") - calls < 24  # model calls were shared
 
 
-def test_hot_add_and_remove_an_adapter(cls, runs):
+def test_hot_add_and_remove_an_adapter(cls, runs, tmp_path):
     body = {"name": "C", "path": str(runs["clsB"])}
     assert cls.http("POST", "/admin/adapters", key=None, json=body).status_code == 401
     assert cls.http("POST", "/admin/adapters", key=KEY, json=body).status_code == 403  # user key, admin route
@@ -319,6 +368,23 @@ def test_hot_add_and_remove_an_adapter(cls, runs):
     assert gone.status_code == 404 and gone.json()["error"]["code"] == "model_not_found"
     assert cls.http("DELETE", "/admin/adapters/C", key=ADMIN).status_code == 404
     assert cls.http("DELETE", "/admin/adapters/tiny-bert", key=ADMIN).status_code == 400
+    # An adapter whose weights do not fit the base: a 400 naming the mismatch, twice
+    # (the failed load left nothing behind), and the served adapters unchanged.
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "broken"
+    shutil.copytree(runs["clsB"] / "model" / "adapter", broken)
+    weights = load_file(broken / "adapter_model.safetensors")
+    lora_a = next(k for k in weights if "lora_A" in k)
+    weights[lora_a] = torch.cat([weights[lora_a]] * 2, dim=1)
+    save_file(weights, broken / "adapter_model.safetensors")
+    for _ in range(2):
+        refused = cls.http("POST", "/admin/adapters", key=ADMIN, json={"name": "E", "path": str(broken)})
+        assert refused.status_code == 400 and refused.json()["error"]["code"] == "invalid_adapter"
+        assert "size mismatch" in refused.json()["error"]["message"]
+    assert [m.id for m in cls.client().models.list()] == ["tiny-bert", "A", "B"]
     after = cls.http("POST", "/v1/classify", json={"model": "B", "input": TEXTS}).json()["data"]
     assert [x["probabilities"]["pos"] for x in after] == pytest.approx([x["probabilities"]["pos"] for x in b], abs=1e-6)
 
@@ -332,6 +398,7 @@ def test_request_log_rows(gen, cls):
                          "WHERE model='B' ORDER BY id DESC LIMIT 1").fetchone()
     assert row[:3] == ("/v1/chat/completions", "B", 200) and json.loads(row[3])[0]["content"] == PROMPT
     assert row[4] == 3 and row[5] == 0
+    assert os.stat(gen_log(gen)).st_mode & 0o077 == 0  # raw inputs: owner-only file
     with sqlite3.connect(str(gen_log(cls))) as db:
         route, status, stored, hashed = db.execute(
             "SELECT route, status, input, inputs_hashed FROM requests ORDER BY id DESC LIMIT 1").fetchone()
@@ -350,7 +417,8 @@ PROTECTED = [("GET", "/v1/models"), ("GET", "/v1/models/sftA"), ("POST", "/v1/ch
              ("GET", "/admin/adapters"), ("POST", "/admin/adapters"), ("DELETE", "/admin/adapters/B"),
              ("GET", "//v1/models"), ("GET", "/v1/../metrics"), ("GET", "/health/../v1/models"),
              ("GET", "/%68ealth"), ("GET", "/health/"), ("GET", "/HEALTH"), ("GET", "/v1/models/../../metrics"),
-             ("GET", "/v1/%6dodels"), ("GET", "/docs"), ("GET", "/nowhere")]
+             ("GET", "/v1/%6dodels"), ("GET", "/docs"), ("GET", "/nowhere"), ("GET", "/openapi.json"),
+             ("GET", "/redoc"), ("OPTIONS", "/v1/models"), ("OPTIONS", "/health/"), ("GET", "/v1/models/")]
 
 
 def test_every_route_but_health_needs_a_key(gen):
@@ -362,6 +430,7 @@ def test_every_route_but_health_needs_a_key(gen):
             assert json.loads(body)["error"]["type"] == "authentication_error"
     assert _raw(gen.port, "GET", "/health")[0] == 200
     assert _raw(gen.port, "GET", "/health?x=1")[0] == 200
+    assert _raw(gen.port, "HEAD", "/health")[0] == 200
     # The right key opens the user routes only; path tricks reach no handler.
     auth = {"Authorization": f"Bearer {KEY}"}
     assert _raw(gen.port, "GET", "/v1/models", auth)[0] == 200
@@ -369,6 +438,8 @@ def test_every_route_but_health_needs_a_key(gen):
     assert _raw(gen.port, "GET", "/admin/adapters", auth)[0] == 403
     assert _raw(gen.port, "GET", "/v1/../metrics", auth)[0] == 403
     assert _raw(gen.port, "GET", "/v1/../metrics", {"Authorization": f"Bearer {ADMIN}"})[0] == 404
+    for path in ("/docs", "/redoc", "/openapi.json"):  # FastAPI's own pages are off, even for an admin
+        assert _raw(gen.port, "GET", path, {"Authorization": f"Bearer {ADMIN}"})[0] == 404
     with pytest.raises(openai.AuthenticationError):
         gen.client(WRONG).models.list()
 
@@ -420,6 +491,42 @@ def test_full_queue_gets_429_and_slow_requests_504(runs):
         assert ask(5).status_code == 200
         assert time.perf_counter() - begun < 0.5  # the timed-out request no longer holds the model
     finally:
+        live.stop()
+
+
+def test_an_adapter_removed_while_requests_wait_fails_them_in_openai_shape(runs):
+    """Requests queued for an adapter that an admin removes get model_not_found:
+    a JSON error, or an error event inside a stream whose 200 was already sent."""
+    live = _serve("tiny-llama", adapters={"B": str(runs["sftB"])})
+    gate = threading.Event()
+
+    def streamed():
+        chunks = []
+        try:
+            for chunk in _chat(live.client(), "B", max_tokens=3, stream=True):
+                chunks.append(chunk)
+        except openai.APIError as exc:
+            return chunks, exc
+        return chunks, None
+
+    try:
+        live.app.state.batcher.pool.submit(gate.wait, 30)  # hold the model thread
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:
+            removed = pool.submit(live.http, "DELETE", "/admin/adapters/B", ADMIN)
+            time.sleep(0.3)  # the removal queues on the model thread before the requests
+            plain, stream = pool.submit(lambda: _chat(live.client(), "B", max_tokens=3)), pool.submit(streamed)
+            time.sleep(0.3)
+            gate.set()
+            assert removed.result().json()["deleted"] is True
+            with pytest.raises(openai.NotFoundError) as err:
+                plain.result()
+            assert err.value.body["code"] == "model_not_found"
+            chunks, exc = stream.result()
+        assert [c.choices[0].delta.role for c in chunks] == ["assistant"]  # the stream had begun
+        assert exc is not None and exc.body["code"] == "model_not_found" and exc.body["type"] == "not_found_error"
+        assert _chat(live.client(), "tiny-llama", max_tokens=2).usage.completion_tokens == 2
+    finally:
+        gate.set()
         live.stop()
 
 
@@ -516,6 +623,7 @@ def test_sigterm_drains_in_flight_requests_and_exits_0(runs):
             try:  # a request after SIGTERM is turned away (503) or finds the socket closed
                 late = httpx.get(url + "/v1/models", headers={"Authorization": f"Bearer {key}"}, timeout=5)
                 assert late.status_code == 503
+                assert httpx.get(url + "/health", timeout=5).status_code == 503  # load balancers stop sending
             except httpx.TransportError:
                 pass
             answers, finished = zip(*[p.result() for p in pending])
@@ -541,6 +649,10 @@ def test_vllm_engine_command_and_clean_refusal(runs):
     lora = cmd[cmd.index("--lora-modules") + 1: cmd.index("--max-lora-rank")]
     assert lora == [f"sftA={runs['sftA'] / 'model' / 'adapter'}", f"B={runs['sftB'] / 'model' / 'adapter'}"]
     assert "--enable-lora" in cmd and "--api-key" not in cmd  # the key travels in VLLM_API_KEY
+    from tuneforge.serve.registry import _template_of
+
+    pinned = _template_of(runs["sftA"] / "model" / "adapter")  # the run's own template, as a file
+    assert pinned and open(cmd[cmd.index("--chat-template") + 1], encoding="utf-8").read() == pinned
     merged = command(str(runs["sftA-export"]), {}, "127.0.0.1", 8001)
     assert merged[4] == str(runs["sftA-export"].resolve()) and "--enable-lora" not in merged
     with pytest.raises(TargetError, match="generation only"):

@@ -91,7 +91,8 @@ class _Sampling(_Body):
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass.")
     n: int = Field(1, ge=1, le=128, description="Choices per prompt.")
     stop: Optional[Union[str, list[str]]] = Field(None, description="Up to 4 stop strings.")
-    seed: Optional[int] = Field(None, description="Seed for reproducible sampling.")
+    # int64, as OpenAI: a larger seed overflows torch.Generator.manual_seed.
+    seed: Optional[int] = Field(None, ge=-(2**63), le=2**63 - 1, description="Seed for reproducible sampling.")
     stream: bool = Field(False, description="Server-sent events.")
     stream_options: Optional[dict] = Field(None, description="{'include_usage': true} adds a usage chunk.")
 
@@ -229,8 +230,9 @@ def create_app(target: str, adapters: Optional[dict[str, str]] = None, api_keys:
         (run/model/fairness_postprocess.json), or None."""
         from tuneforge.fairness.mitigate import load_postprocessor
 
-        if model in served.adapters:
-            path = Path(served.adapters[model].path)
+        source = served.adapters.get(model)  # one read: the model thread may replace the dict meanwhile
+        if source is not None:
+            path = Path(source.path)
         elif served.own_adapter is not None and model == served.own_adapter.name:
             path = Path(served.own_adapter.path)
         else:
@@ -250,10 +252,12 @@ def create_app(target: str, adapters: Optional[dict[str, str]] = None, api_keys:
                                 f"column '{column}' per input", "missing_groups", "groups")
 
     def pick(model: str, task: str, request: Request) -> None:
-        _note(request, model=model)
         if model not in served.names():
             raise ApiError(404, f"the model '{model}' does not exist; GET /v1/models lists "
                                 f"{', '.join(served.names())}", "model_not_found", "model")
+        # Noted only once known: a client-chosen name as a metrics label would
+        # grow /metrics (and memory) without bound.
+        _note(request, model=model)
         if served.task != task:
             other = "/v1/classify" if served.task == "classification" else "/v1/chat/completions"
             raise ApiError(400, f"'{model}' is a {served.task} model; use {other}", "wrong_task", "model")
@@ -265,8 +269,9 @@ def create_app(target: str, adapters: Optional[dict[str, str]] = None, api_keys:
             raise ApiError(429, f"server busy: {settings.max_queue} requests queued; retry shortly",
                            "queue_full", None, {"Retry-After": "1"}) from None
 
-    async def wait(request: Request, job) -> Any:
-        """The job's result; 504 past the timeout; the job is dropped when the client leaves."""
+    async def wait(request: Request, job, future: Optional[asyncio.Future] = None) -> Any:
+        """The job's result (or `future`'s); 504 past the timeout; the job is dropped when the client leaves."""
+        future = future if future is not None else job.future
         loop = asyncio.get_running_loop()
         deadline = loop.time() + settings.request_timeout
         while True:
@@ -277,7 +282,10 @@ def create_app(target: str, adapters: Optional[dict[str, str]] = None, api_keys:
                 raise ApiError(504, f"no answer within {settings.request_timeout:g} s; retry with less work",
                                "timeout")
             try:
-                return await asyncio.wait_for(asyncio.shield(job.future), min(0.2, remaining))
+                return await asyncio.wait_for(asyncio.shield(future), min(0.2, remaining))
+            except asyncio.CancelledError:  # the server cut the request (shutdown past its grace time)
+                job.cancel()
+                raise
             except asyncio.TimeoutError:
                 if await request.is_disconnected():
                     job.cancel()
@@ -291,7 +299,17 @@ def create_app(target: str, adapters: Optional[dict[str, str]] = None, api_keys:
         if isinstance(body, ChatRequest) and body.max_completion_tokens is not None:
             limit = body.max_completion_tokens
         stops, rows = body.stops(), []
+        most = max(settings.max_batch, settings.max_n)
+        if len(prompts) * body.n > most:
+            # One request is one job: unbounded, it would hold the KV cache of
+            # hundreds of sequences at once.
+            raise ApiError(400, f"{len(prompts)} prompts x n={body.n} is {len(prompts) * body.n} sequences; this "
+                                f"server takes at most {most} per request: split the prompts over several requests",
+                           "invalid_value", "prompt")
         for p, prompt in enumerate(prompts):
+            if not prompt:  # nothing to condition on: the forward pass has zero positions
+                raise ApiError(400, f"prompt {p} is empty after tokenization; send at least one token of text",
+                               "invalid_value", "prompt")
             room = served.context - len(prompt)
             if room < 1:
                 raise ApiError(400, f"the prompt has {len(prompt)} tokens; the model's context is {served.context}",
@@ -309,19 +327,43 @@ def create_app(target: str, adapters: Optional[dict[str, str]] = None, api_keys:
                              make_chunk, make_final):
         if body.n > settings.max_n:
             raise ApiError(400, f"n is at most {settings.max_n} on this server", "invalid_value", "n")
-        for field in ("logprobs", "tools", "functions", "response_format", "suffix"):
-            if getattr(body, field, None) not in (None, False, [], 0):
+        for field in ("logprobs", "top_logprobs", "tools", "functions", "response_format", "suffix", "logit_bias",
+                      "presence_penalty", "frequency_penalty"):
+            if getattr(body, field, None) not in (None, False, [], {}, 0):
                 raise ApiError(400, f"'{field}' is not supported by this server", "unsupported_parameter", field)
         if getattr(body, "echo", False):
             raise ApiError(400, "'echo' is not supported by this server", "unsupported_parameter", "echo")
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
+        # Set once every row of this request has finished, which can be long before
+        # its batch ends (a 2-token answer batched with a 480-token one).
+        answered, open_rows = loop.create_future(), [0]
+
+        def on_event(index, text, finish):
+            events.put_nowait((index, text, finish))
+            if finish:
+                open_rows[0] -= 1
+                if open_rows[0] == 0 and not answered.done():
+                    answered.set_result(None)
+
+        def on_job_done(future: asyncio.Future) -> None:
+            error = future.exception()  # a failed batch, or a model removed while queued
+            if answered.done():
+                return
+            if error is not None:
+                answered.set_exception(error)
+            else:
+                answered.set_result(None)
 
         def emit_for(index):
-            return lambda text, finish: loop.call_soon_threadsafe(events.put_nowait, (index, text, finish))
+            return lambda text, finish: loop.call_soon_threadsafe(on_event, index, text, finish)
 
         rows = generation_rows(body, prompts, default_max, emit_for)
+        open_rows[0] = len(rows)
         job = submit("generate", body.model, rows, len(rows))
+        job.future.add_done_callback(on_job_done)
+        # Read here so that an error nobody awaits (the client left first) is not logged as unretrieved.
+        answered.add_done_callback(lambda f: f.cancelled() or f.exception())
         for row in rows:
             row.cancelled = job.cancel_event.is_set
         prompt_tokens = sum(len(p) for p in prompts)
@@ -334,7 +376,7 @@ def create_app(target: str, adapters: Optional[dict[str, str]] = None, api_keys:
                     "total_tokens": prompt_tokens + completion}
 
         if not body.stream:
-            await wait(request, job)
+            await wait(request, job, answered)
             while not events.empty():
                 index, text, finish = events.get_nowait()
                 texts[index] += text
@@ -345,10 +387,21 @@ def create_app(target: str, adapters: Optional[dict[str, str]] = None, api_keys:
         async def stream():
             done, deadline = 0, loop.time() + settings.request_timeout
             try:
-                yield _sse(make_chunk(None, None, None))
+                opening = make_chunk(None, None, None)
+                if opening["choices"]:  # chat: the role delta; completions have none
+                    yield _sse(opening)
                 while done < len(rows):
                     if job.future.done() and job.future.exception() and events.empty():
-                        raise job.future.exception()
+                        # The 200 and its headers are already sent: the error goes in
+                        # the stream (the openai client raises it as an APIError).
+                        exc = job.future.exception()
+                        status = exc.status_code if isinstance(exc, ApiError) else 500
+                        message = exc.message if isinstance(exc, ApiError) else f"internal error: {type(exc).__name__}"
+                        code = exc.code if isinstance(exc, ApiError) else "internal_error"
+                        _note(request, output=texts)
+                        yield _sse({"error": {"message": message, "type": ERROR_TYPES.get(status, "server_error"),
+                                              "param": getattr(exc, "param", None), "code": code}})
+                        return
                     if loop.time() > deadline:
                         m_cancelled.labels("timeout").inc()
                         yield _sse({"error": {"message": f"no answer within {settings.request_timeout:g} s",
@@ -383,9 +436,12 @@ def create_app(target: str, adapters: Optional[dict[str, str]] = None, api_keys:
 
     # ------------------------------------------------------------ routes
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])
     async def health():
-        return {"status": "draining" if draining and draining() else "ok"}
+        # 503 while draining, so a load balancer stops sending new requests.
+        if draining and draining():
+            return JSONResponse({"status": "draining"}, status_code=503)
+        return {"status": "ok"}
 
     def model_card(model_id: str) -> dict:
         return {"id": model_id, "object": "model", "created": started, "owned_by": "tuneforge",
@@ -564,5 +620,11 @@ class ObserveMiddleware:
             self.requests.labels(route, notes.get("model") or "", str(status)).inc()
             self.latency.labels(route).observe(elapsed)
             if self.log is not None and route in INFERENCE_ROUTES:
-                await asyncio.to_thread(self.log.write, route, notes.get("model"), status, elapsed, notes.get("input"),
-                                        notes.get("output"), notes.get("prompt_tokens"), notes.get("completion_tokens"))
+                try:
+                    await asyncio.to_thread(self.log.write, route, notes.get("model"), status, elapsed,
+                                            notes.get("input"), notes.get("output"), notes.get("prompt_tokens"),
+                                            notes.get("completion_tokens"))
+                except Exception as exc:  # the answer is already sent: a full disk must not turn it into a 500
+                    import logging
+
+                    logging.getLogger("tuneforge.serve").error("request log write failed: %s", exc)

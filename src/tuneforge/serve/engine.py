@@ -134,7 +134,11 @@ def generate(served, rows: list[GenRow], device) -> None:
             return
         step = torch.tensor(chosen, device=device)[:, None]
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        positions = positions[:, -1:] + 1
+        # Finished rows ride along until the longest row ends; their positions are
+        # clamped to the context so that models with learned position tables
+        # (GPT-2 style) do not index past it. Live rows never reach the clamp:
+        # each row's budget is capped by its room in the context.
+        positions = (positions[:, -1:] + 1).clamp(max=served.context - 1)
         out = model(input_ids=step, attention_mask=mask, position_ids=positions,
                     past_key_values=out.past_key_values, use_cache=True, logits_to_keep=1)
     for row in rows:  # token budgets are capped by max_new, so only a safety net

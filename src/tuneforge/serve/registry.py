@@ -193,13 +193,34 @@ def add_adapter(served: Served, source: AdapterSource) -> None:
     from peft import PeftModel
 
     check_adapter(served, source)
-    if isinstance(served.model, PeftModel):
-        served.model.load_adapter(str(source.path), adapter_name=source.name)
-    else:
-        served.model = PeftModel.from_pretrained(served.model, str(source.path), adapter_name=source.name)
+    try:
+        if isinstance(served.model, PeftModel):
+            served.model.load_adapter(str(source.path), adapter_name=source.name)
+        else:
+            served.model = PeftModel.from_pretrained(served.model, str(source.path), adapter_name=source.name)
+    except Exception as exc:  # wrong shapes, a broken file: undo, then say why
+        _undo_failed_add(served, source.name)
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        reason = " ".join(lines[:2])[:300] or type(exc).__name__
+        raise TargetError(f"adapter {source.name} ({source.path}) does not load onto {served.base_path}: {reason}; "
+                          "check that it was trained on this base model") from exc
     served.model.eval()
     # Replaced, never mutated: the event loop reads the names while this thread writes.
     served.adapters = {**served.adapters, source.name: source}
+
+
+def _undo_failed_add(served: Served, name: str) -> None:
+    """A failed load may leave LoRA layers injected (peft wraps modules in place
+    before it reads the weights): drop them, or reload the base when nothing
+    else was served through peft."""
+    from peft import PeftModel
+
+    if isinstance(served.model, PeftModel) and served.adapters:
+        if name in served.model.peft_config:
+            served.model.delete_adapter(name)
+        served.model.set_adapter(next(iter(served.adapters)))  # the active one may have been the failed one
+        return
+    load_base(served, next(served.model.parameters()).device)
 
 
 def remove_adapter(served: Served, name: str, device) -> None:

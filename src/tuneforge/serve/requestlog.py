@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sqlite3
 import threading
 import time
@@ -42,6 +43,8 @@ class RequestLog:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         self.hash = inputs == "hash"
         self.lock = threading.Lock()
+        if not Path(path).exists():  # the log may hold raw inputs: readable by its owner only
+            os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
         self.db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute(SCHEMA)

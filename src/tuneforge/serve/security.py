@@ -8,6 +8,7 @@ other path (the admin routes, and anything unknown) needs an admin key.
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import json
 import os
@@ -42,9 +43,15 @@ def new_key() -> str:
     return "tf-" + secrets.token_urlsafe(32)
 
 
+def _digest(key: bytes) -> bytes:
+    return hashlib.sha256(key).digest()
+
+
 def _matches(given: bytes, keys: list[bytes]) -> bool:
-    # Compare against every key (no early exit) in constant time per key.
-    found = False
+    # Digests of equal length, compared against every key (no early exit):
+    # compare_digest on raw keys of different lengths returns at once, which
+    # gives the key's length away through timing. `keys` hold digests already.
+    given, found = _digest(given), False
     for key in keys:
         found |= hmac.compare_digest(given, key)
     return found
@@ -74,8 +81,8 @@ async def send_error(send, status: int, message: str, kind: str, code: Optional[
 class AuthMiddleware:
     def __init__(self, app, api_keys: list[str], admin_keys: list[str]):
         self.app = app
-        self.admin = [k.encode() for k in admin_keys]
-        self.users = [k.encode() for k in api_keys] + self.admin  # an admin key works everywhere
+        self.admin = [_digest(k.encode()) for k in admin_keys]
+        self.users = [_digest(k.encode()) for k in api_keys] + self.admin  # an admin key works everywhere
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "lifespan":

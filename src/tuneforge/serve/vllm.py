@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+import tempfile
+from pathlib import Path
 from typing import Optional
 
 
@@ -37,8 +39,14 @@ def command(target: str, adapters: dict[str, str], host: str, port: int,
         [registry.adapter_source(n, ref) for n, ref in adapters.items()]
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", served.base_path,
            "--served-model-name", served.base_name, "--host", host, "--port", str(port)]
-    if served.chat_template:
-        cmd += ["--chat-template", served.chat_template]
+    # A LoRA run's own pinned template first (what it was trained with), as the
+    # torch engine does. Passed as a file: vLLM reads a template given inline
+    # through unicode_escape, which mangles backslashes and non-ASCII text.
+    template = (served.own_adapter and served.own_adapter.chat_template) or served.chat_template
+    if template:
+        path = Path(tempfile.mkdtemp(prefix="tuneforge-vllm-")) / "chat_template.jinja"
+        path.write_text(template, encoding="utf-8")
+        cmd += ["--chat-template", str(path)]
     if sources:
         cmd += ["--enable-lora", "--lora-modules", *[f"{s.name}={s.path}" for s in sources],
                 "--max-lora-rank", "64"]
