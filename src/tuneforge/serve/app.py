@@ -225,6 +225,8 @@ def create_app(target: str, adapters: Optional[dict[str, str]] = None, api_keys:
 
     # ------------------------------------------------------------ helpers
 
+    post_cache: dict = {}
+
     def postprocessor(model: str):
         """The fairness post-processing saved with the model behind `model`
         (run/model/fairness_postprocess.json), or None."""
@@ -237,11 +239,10 @@ def create_app(target: str, adapters: Optional[dict[str, str]] = None, api_keys:
             path = Path(served.own_adapter.path)
         else:
             path = Path(served.base_path)
-        for folder in (path, path.parent) if path.name == "adapter" else (path,):
-            post = load_postprocessor(folder)
-            if post is not None:
-                return post
-        return None
+        folders = (path, path.parent) if path.name == "adapter" else (path,)
+        if path not in post_cache:  # read once per model folder, not on every request
+            post_cache[path] = next((p for p in map(load_postprocessor, folders) if p is not None), None)
+        return post_cache[path]
 
     def check_groups(model: str, post, texts: list[str], groups: Optional[list[str]]) -> None:
         if groups is not None and len(groups) != len(texts):
