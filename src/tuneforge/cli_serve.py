@@ -21,18 +21,14 @@ class LogInputs(str, Enum):
     hash = "hash"
 
 
-def _fail(message: str, code: int = 1) -> None:
-    fail(message, code)
-
-
 def _adapters(specs: Optional[List[str]]) -> dict:
     found = {}
     for spec in specs or []:
         name, sep, ref = spec.partition("=")
         if not sep or not name or not ref:
-            _fail(f"--adapter {spec!r}: expected NAME=RUN (a LoRA run folder or an adapter folder)", 2)
+            fail(f"--adapter {spec!r}: expected NAME=RUN (a LoRA run folder or an adapter folder)", 2)
         if name in found:
-            _fail(f"--adapter {name} is given twice", 2)
+            fail(f"--adapter {name} is given twice", 2)
         found[name] = ref
     return found
 
@@ -79,7 +75,7 @@ def serve(
         api_keys = read_keys(API_KEYS_ENV, api_key_file)
         admin_keys = read_keys(ADMIN_KEYS_ENV, admin_key_file)
     except ValueError as exc:
-        _fail(f"error: {exc}", 2)
+        fail(f"error: {exc}", 2)
     if not api_keys:
         # Secure by default: never an open server; this key lives as long as the process.
         api_keys = [new_key()]
@@ -104,7 +100,7 @@ def serve(
     try:
         code = run_server(target, adapters, api_keys, admin_keys, settings, host, port, name, on_ready=ready)
     except (TargetError, ValueError, OSError, RuntimeError) as exc:
-        _fail(f"error: {exc}", 1)
+        fail(f"error: {exc}", 1)
     raise typer.Exit(code)
 
 
@@ -116,12 +112,12 @@ def _exec_vllm(target, adapters, host, port, name, api_keys) -> None:
 
     why = vllm.unavailable()
     if why:
-        _fail(f"--engine vllm is not available here: {why}. The default --engine torch serves this model "
+        fail(f"--engine vllm is not available here: {why}. The default --engine torch serves this model "
               "without vLLM.", 1)
     try:
         cmd = vllm.command(target, adapters, host, port, name)
     except TargetError as exc:
-        _fail(f"error: {exc}", 1)
+        fail(f"error: {exc}", 1)
     if len(api_keys) > 1:
         typer.echo("note: vLLM takes one API key; serving with the first", err=True)
     os.execvpe(cmd[0], cmd, {**os.environ, "VLLM_API_KEY": api_keys[0]})
