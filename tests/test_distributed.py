@@ -1,5 +1,6 @@
-"""Data-parallel training on 2 CPU processes (gloo): same losses as 1 process with
-the same global batch, checkpoints written once, and kill + resume works."""
+"""Multi-process training on 2 CPU processes (gloo), both strategies (ddp, fsdp):
+same losses as 1 process with the same global batch, checkpoints written once,
+and kill + resume works."""
 
 import json
 import os
@@ -15,9 +16,9 @@ RECIPE = """
 model: tiny-llama
 task: sft
 data: {{train: {data}}}
-method: {{name: lora, r: 4, alpha: 8, dropout: 0.0}}
+method: {{name: {method}, r: 4, alpha: 8, dropout: 0.0}}
 train: {{max_steps: {steps}, batch_size: 8, learning_rate: 0.005, log_every: 1, checkpoint_every: {every}, seed: 5,
-         eval_every: 1000}}
+         eval_every: 1000, distributed: {{strategy: {strategy}}}}}
 eval: {{max_new_tokens: 4, max_generate: 4, bootstrap: false}}
 """
 
@@ -39,26 +40,67 @@ def _adapter(run):
     return load_file(str(run / "model" / "adapter" / "adapter_model.safetensors"))
 
 
-def test_two_processes_match_one_with_the_same_global_batch(tmp_path, dates_jsonl):
-    recipe = tmp_path / "r.yaml"
-    recipe.write_text(RECIPE.format(data=dates_jsonl, steps=6, every=2))
-    _train(recipe, tmp_path / "one")
-    _train(recipe, tmp_path / "two", "--nproc", "2")
-    one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
-    assert len(one) == len(two) == 6  # each step logged once, by rank 0
+def _recipe(tmp_path, data, steps, every, method="lora", strategy="ddp"):
+    recipe = tmp_path / f"{method}-{strategy}.yaml"
+    recipe.write_text(RECIPE.format(data=data, steps=steps, every=every, method=method, strategy=strategy))
+    return recipe
+
+
+def _same_losses(one, two, steps):
+    assert len(one) == len(two) == steps  # each step logged once, by rank 0
     for a, b in zip(one, two):
-        assert abs(a - b) < 1e-4 * abs(a)
-    a, b = _adapter(tmp_path / "one"), _adapter(tmp_path / "two")
+        assert abs(a - b) < 1e-5 * abs(a)
+
+
+def test_two_processes_match_one_with_the_same_global_batch(tmp_path, dates_jsonl):
+    _train(_recipe(tmp_path, dates_jsonl, 6, 2), tmp_path / "one")
+    for strategy in ("ddp", "fsdp"):
+        two = tmp_path / strategy
+        _train(_recipe(tmp_path, dates_jsonl, 6, 2, strategy=strategy), two, "--nproc", "2")
+        _same_losses(_losses(tmp_path / "one"), _losses(two), 6)
+        a, b = _adapter(tmp_path / "one"), _adapter(two)
+        assert a.keys() == b.keys()
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-4)
+        assert json.loads((two / "manifest.json").read_text())["world_size"] == 2
+        names = sorted(p.name for p in (two / "checkpoints").iterdir())
+        assert names == ["best", "step-0000004", "step-0000006"]  # written once, pruned to keep_checkpoints=2
+
+
+def test_fsdp_shards_the_model_and_full_fine_tuning_matches_one_process(tmp_path, dates_jsonl):
+    """Full fine-tuning moves the embeddings and tied head, which fsdp keeps in its
+    root unit: the gathered final weights equal one process's."""
+    _train(_recipe(tmp_path, dates_jsonl, 4, 2, method="full"), tmp_path / "one")
+    result = _train(_recipe(tmp_path, dates_jsonl, 4, 2, method="full", strategy="fsdp"), tmp_path / "fsdp",
+                    "--nproc", "2")
+    assert "processes: 2" in result.stdout
+    _same_losses(_losses(tmp_path / "one"), _losses(tmp_path / "fsdp"), 4)
+    a = load_file(str(tmp_path / "one" / "model" / "model.safetensors"))
+    b = load_file(str(tmp_path / "fsdp" / "model" / "model.safetensors"))
+    assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-4)
-    assert json.loads((tmp_path / "two" / "manifest.json").read_text())["world_size"] == 2
-    names = sorted(p.name for p in (tmp_path / "two" / "checkpoints").iterdir())
-    assert names == ["best", "step-0000004", "step-0000006"]  # written once, pruned to keep_checkpoints=2
+    ckpt = load_file(str(tmp_path / "fsdp" / "checkpoints" / "step-0000004" / "trainable.safetensors"))
+    assert ckpt["model.embed_tokens.weight"].shape == a["model.embed_tokens.weight"].shape  # whole, not a shard
+
+
+def test_fsdp_classification_matches_one_process(tmp_path):
+    rows = "text,label\n" + "".join(
+        f"{'good fine great' if i % 2 else 'bad poor awful'} {i},{'pos' if i % 2 else 'neg'}\n" for i in range(90))
+    (tmp_path / "cls.csv").write_text(rows)
+    recipe = tmp_path / "cls.yaml"
+    recipe.write_text(f"model: tiny-bert\ntask: classification\ndata: {{train: {tmp_path / 'cls.csv'}}}\n"
+                      "method: {name: full}\ntrain: {max_steps: 3, batch_size: 7, learning_rate: 0.001, dropout: 0.0, "
+                      "log_every: 1, eval_every: 1000, distributed: {strategy: fsdp}}\neval: {bootstrap: false}\n")
+    _train(recipe, tmp_path / "one")
+    _train(recipe, tmp_path / "two", "--nproc", "2")  # batch 7 over 2 ranks: uneven shards
+    _same_losses(_losses(tmp_path / "one"), _losses(tmp_path / "two"), 3)
+    metrics = [json.loads((tmp_path / r / "metrics.json").read_text())["test"]["accuracy"] for r in ("one", "two")]
+    assert metrics[0] == metrics[1]
 
 
 def test_two_process_run_killed_and_resumed_matches_uninterrupted(tmp_path, dates_jsonl):
-    recipe = tmp_path / "r.yaml"
-    recipe.write_text(RECIPE.format(data=dates_jsonl, steps=40, every=4))
+    recipe = _recipe(tmp_path, dates_jsonl, 40, 4)
     _train(recipe, tmp_path / "straight", "--nproc", "2")
     killed = tmp_path / "killed"
     proc = _train(recipe, killed, "--nproc", "2", popen=True)
@@ -75,3 +117,25 @@ def test_two_process_run_killed_and_resumed_matches_uninterrupted(tmp_path, date
     for key in a:
         assert torch.equal(a[key], b[key]), key
     assert len(_losses(killed)) == 40
+
+
+def test_fsdp_run_killed_and_resumed_matches_uninterrupted(tmp_path, dates_jsonl):
+    """fsdp checkpoints hold whole tensors (the one-process format) and are sharded
+    again on load: kill at step 8, resume, and land where one process does."""
+    _train(_recipe(tmp_path, dates_jsonl, 16, 4), tmp_path / "straight")
+    recipe = _recipe(tmp_path, dates_jsonl, 16, 4, strategy="fsdp")
+    killed = tmp_path / "killed"
+    proc = _train(recipe, killed, "--nproc", "2", popen=True)
+    marker = killed / "checkpoints" / "step-0000008" / ".complete"
+    deadline = time.time() + 300
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.002)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "metrics.json").exists(), "the run finished before it could be killed"
+    resumed = _train(recipe, killed, "--nproc", "2", "--resume")
+    assert "resumed from step-" in resumed.stdout
+    _same_losses(_losses(tmp_path / "straight"), _losses(killed), 16)
+    a, b = _adapter(tmp_path / "straight"), _adapter(killed)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-4)

@@ -35,27 +35,56 @@ def split_lm(model) -> tuple[torch.nn.Module, torch.nn.Module]:
     return getattr(inner, inner.base_model_prefix), inner.get_output_embeddings()
 
 
-def sequence_nll(model, examples: list[Rendered], pad_id: int, device: torch.device) -> tuple[torch.Tensor, int]:
-    """Next-token loss summed per sequence over its supervised positions: [batch], real tokens.
+class SupervisedNLL(torch.nn.Module):
+    """Decoder body, then the output head on supervised positions only, then the
+    per-token loss, as one module call: whatever acts on a module's forward (FSDP's
+    root unit gathers the embeddings, final norm and head there) sees all of it.
 
     The head runs on supervised positions alone: prompt tokens carry no loss, so
     projecting them onto the vocabulary (the largest matmul of a small LM) is waste.
-    Short examples share rows (padding-free packing) when the model supports it.
     """
+
+    def __init__(self, lm: torch.nn.Module):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, ids, targets, position_ids=None, attention_mask=None) -> torch.Tensor:
+        """targets[r, t] is the token position t predicts (IGNORE where there is no loss)."""
+        body, head = split_lm(self.lm)
+        # No KV cache: with restarting position ids and no mask, transformers derives
+        # a block-diagonal causal mask (a cache object switches that detection off).
+        hidden = body(input_ids=ids, position_ids=position_ids, attention_mask=attention_mask,
+                      use_cache=False).last_hidden_state
+        chosen = targets != IGNORE
+        return F.cross_entropy(head(hidden[chosen]).float(), targets[chosen], reduction="none")
+
+
+def nll_module(model) -> SupervisedNLL:
+    """The SupervisedNLL over `model`, made once (fsdp shards it as its root unit)."""
+    module = model.__dict__.get("_tuneforge_nll")
+    if module is None:
+        module = model.__dict__["_tuneforge_nll"] = SupervisedNLL(model)  # not a submodule: no cycle
+    return module
+
+
+def sequence_nll(model, examples: list[Rendered], pad_id: int, device: torch.device) -> tuple[torch.Tensor, int]:
+    """Next-token loss summed per sequence over its supervised positions: [batch], real tokens.
+    Short examples share rows (padding-free packing) when the model supports it."""
     if len(examples) > 1 and supports_packing(model):
-        return _packed_nll(model, examples, pad_id, device)
-    body, head = split_lm(model)
-    ids = pad([e.input_ids for e in examples], pad_id).to(device)
-    mask = attention_mask([e.input_ids for e in examples]).to(device)
-    labels = pad([e.labels for e in examples], IGNORE).to(device)
-    hidden = body(input_ids=ids, attention_mask=mask).last_hidden_state
-    targets = labels[:, 1:]
+        ids, pos, targets, owner = (t.to(device) for t in _packed_rows(examples, pad_id))
+        nll = nll_module(model)(ids, targets, position_ids=pos)
+        tokens = sum(len(e.input_ids) for e in examples)
+    else:
+        ids = pad([e.input_ids for e in examples], pad_id).to(device)
+        mask = attention_mask([e.input_ids for e in examples]).to(device)
+        labels = pad([e.labels for e in examples], IGNORE)
+        targets = torch.cat([labels[:, 1:], torch.full((len(examples), 1), IGNORE)], dim=1).to(device)
+        owner = torch.arange(len(examples), device=device)[:, None].expand_as(targets)
+        nll = nll_module(model)(ids, targets, attention_mask=mask)
+        tokens = int(mask.sum())
     chosen = targets != IGNORE
-    logits = head(hidden[:, :-1][chosen])
-    nll = F.cross_entropy(logits.float(), targets[chosen], reduction="none")
-    rows = chosen.nonzero()[:, 0]
-    per_sequence = torch.zeros(len(examples), device=nll.device, dtype=nll.dtype).index_add(0, rows, nll)
-    return per_sequence, int(mask.sum())
+    per_sequence = torch.zeros(len(examples), device=nll.device, dtype=nll.dtype).index_add(0, owner[chosen], nll)
+    return per_sequence, tokens
 
 
 def _packed_rows(examples: list[Rendered], pad_id: int):
@@ -81,19 +110,6 @@ def _packed_rows(examples: list[Rendered], pad_id: int):
         tgt.append(r_tgt + [IGNORE] * fill)
         owner.append(r_own + [-1] * fill)
     return tuple(torch.tensor(x, dtype=torch.long) for x in (ids, pos, tgt, owner))
-
-
-def _packed_nll(model, examples: list[Rendered], pad_id: int, device: torch.device) -> tuple[torch.Tensor, int]:
-    body, head = split_lm(model)
-    ids, pos, targets, owner = (t.to(device) for t in _packed_rows(examples, pad_id))
-    # No attention mask and no KV cache: transformers then derives a block-diagonal
-    # causal mask from the restarting position ids, so attention never crosses
-    # examples (a cache object switches that detection off).
-    hidden = body(input_ids=ids, position_ids=pos, use_cache=False).last_hidden_state
-    chosen = targets != IGNORE
-    nll = F.cross_entropy(head(hidden[chosen]).float(), targets[chosen], reduction="none")
-    per_sequence = torch.zeros(len(examples), device=nll.device, dtype=nll.dtype).index_add(0, owner[chosen], nll)
-    return per_sequence, sum(len(e.input_ids) for e in examples)
 
 
 def supports_packing(model) -> bool:

@@ -173,9 +173,10 @@ class DataConfig(Section):
 
 
 class MethodConfig(Section):
-    name: Literal["full", "freeze", "lora"] = Field(
+    name: Literal["full", "freeze", "lora", "qlora"] = Field(
         "lora", description="full: train every weight; freeze: train only the top layers and head; "
-        "lora: low-rank adapters (peft)."
+        "lora: low-rank adapters (peft); qlora: LoRA adapters over a 4-bit NF4 base model (bitsandbytes, "
+        "double quantisation, bf16 compute; sft only; needs a CUDA GPU and `pip install 'tuneforge[gpu]'`)."
     )
     r: int = Field(8, ge=1, description="LoRA rank.")
     alpha: float = Field(16.0, gt=0, description="LoRA scaling alpha (effective scale alpha / r).")
@@ -188,13 +189,29 @@ class MethodConfig(Section):
     )
 
 
+class DistributedConfig(Section):
+    strategy: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="How the processes of `train --nproc N` (or torchrun) share the work. ddp: every "
+        "process holds the whole model and gradients are summed once per step; fsdp: weights, gradients and "
+        "optimizer state are sharded across processes (PyTorch FSDP2, the ZeRO-3 layout), each holding 1/N.",
+    )
+    reshard_after_forward: bool = Field(
+        True, description="fsdp: free each layer's gathered weights after its forward and gather them again for "
+        "backward (least memory, ZeRO-3); false keeps them until backward (less traffic, ZeRO-2-like memory).",
+    )
+    cpu_offload: bool = Field(
+        False, description="fsdp on GPUs: keep sharded weights, gradients and optimizer state in CPU memory "
+        "(ZeRO-Offload-like): slower steps, larger models fit.",
+    )
+
+
 class TrainConfig(Section):
     epochs: float = Field(3.0, gt=0, description="Passes over the training data (fractions allowed).")
     max_steps: Optional[int] = Field(None, ge=1, description="Stop after this many optimizer steps (overrides epochs).")
     batch_size: int = Field(16, ge=1, description="Examples per micro-batch.")
     gradient_accumulation: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
     learning_rate: Optional[float] = Field(
-        None, gt=0, description="Peak learning rate. Default: 2e-4 for lora, 5e-5 for full/freeze."
+        None, gt=0, description="Peak learning rate. Default: 2e-4 for lora/qlora, 5e-5 for full/freeze."
     )
     warmup: float = Field(
         0.06, ge=0, description="Warm-up: a fraction of total steps if < 1, else a number of steps."
@@ -232,6 +249,16 @@ class TrainConfig(Section):
         True, description="Batch examples of similar length together to waste less compute on padding."
     )
     eval_batch_size: Optional[int] = Field(None, ge=1, description="Batch size for evaluation. Default: 2 x batch_size.")
+    attn_implementation: Literal["auto", "sdpa", "flash_attention_2", "eager"] = Field(
+        "auto", description="Attention kernel passed to from_pretrained: auto (transformers' default, SDPA where the "
+        "model supports it), sdpa, flash_attention_2 (needs a CUDA GPU and the flash-attn package), or eager.")
+    liger: bool = Field(
+        False, description="Swap in Liger's Triton kernels (RMSNorm, SwiGLU, RoPE) before training; needs a CUDA GPU "
+        "and `pip install 'tuneforge[gpu]'`. tuneforge's SFT loss runs the decoder body and the output head "
+        "itself (head on supervised tokens only), so Liger's fused linear cross-entropy, which replaces the "
+        "model's forward, is not used.")
+    distributed: DistributedConfig = Field(
+        default_factory=DistributedConfig, description="Multi-process training (used only with more than one process).")
 
 
 class ScorerConfig(Section):
@@ -362,11 +389,19 @@ class Recipe(Section):
             )
         return v
 
+    @field_validator("method")
+    @classmethod
+    def _qlora_is_for_sft(cls, v, info: ValidationInfo):
+        # The 4-bit loader is the causal-LM one; a classifier's new head would be quantised too.
+        if v.name == "qlora" and info.data.get("task") == "classification":
+            raise ValueError("qlora quantises a causal LM for task sft; use method.name: lora for classification")
+        return v
+
     @property
     def learning_rate(self) -> float:
         if self.train.learning_rate is not None:
             return self.train.learning_rate
-        return 2e-4 if self.method.name == "lora" else 5e-5
+        return 2e-4 if self.method.name in ("lora", "qlora") else 5e-5
 
     @property
     def metric_for_best(self) -> str:

@@ -34,6 +34,7 @@ def train(recipe: Recipe, output: Optional[str] = None, resume: bool = False, de
     shared.seed_everything(recipe.train.seed)
     model, tokenizer, _ = load_classifier(recipe.model, labels, recipe.train.dropout)
     model = shared.apply_method(model, recipe).to(dev)
+    shared.shard(model, model, recipe, dev)
     pad_id = tokenizer.pad_token_id
     if splits.kind == "pair":
         join_pairs(tokenizer, splits)
@@ -75,6 +76,8 @@ def train(recipe: Recipe, output: Optional[str] = None, resume: bool = False, de
 
     # ---- train
     fit(model, objective, recipe.train, recipe.learning_rate, run, dev, resume=resume, quiet=quiet)
+    model = distributed.consolidate(
+        model, lambda: shared.apply_method(load_classifier(recipe.model, labels)[0], recipe, quiet=True).to(dev))
 
     if not distributed.is_main():
         return {}  # rank 0 saves, evaluates and reports

@@ -23,7 +23,14 @@ from tuneforge.evaluate.metrics import perplexity
 from tuneforge.evaluate.robustness import perturb_sft
 from tuneforge.evaluate.runner import evaluate_generator
 from tuneforge.evaluate.scorers import build_scorers
-from tuneforge.inference import generate, lm_loss_sum, per_example_nll, reference_nll
+from tuneforge.inference import (
+    generate,
+    lm_loss_sum,
+    nll_module,
+    per_example_nll,
+    reference_nll,
+    supports_packing,
+)
 from tuneforge.models import load_causal_lm
 from tuneforge.recipe import Recipe
 from tuneforge.trainers import shared
@@ -123,6 +130,9 @@ def train(recipe: Recipe, output: Optional[str] = None, resume: bool = False, de
         run.write_json("baseline.json", baseline)
 
     model = shared.apply_method(model, recipe).to(dev)
+    supports_packing(model)  # decided (and cached) before sharding: the check calls the body directly
+    if shared.shard(model, nll_module(model), recipe, dev):
+        val_gen = []  # generation needs the whole model; under fsdp validation scores loss only
     pad_id = tokenizer.pad_token_id
 
     def evaluate() -> dict:
@@ -140,6 +150,8 @@ def train(recipe: Recipe, output: Optional[str] = None, resume: bool = False, de
 
     # ---- train
     fit(model, objective, recipe.train, recipe.learning_rate, run, dev, resume=resume, quiet=quiet)
+    model = distributed.consolidate(
+        model, lambda: shared.apply_method(load_causal_lm(recipe.model)[0], recipe, quiet=True).to(dev))
 
     if not distributed.is_main():
         return {}  # rank 0 saves, evaluates and reports

@@ -9,7 +9,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from tuneforge import __version__
+from tuneforge import __version__, gpu
 from tuneforge.console import comparison_table, console
 from tuneforge.data.prepare import InvalidRows, Splits, write_rejects
 from tuneforge.fsio import atomic_dir
@@ -27,7 +27,9 @@ def seed_everything(seed: int) -> None:
 
 
 def open_run(recipe: Recipe, output: Optional[str], resume: bool, device: Optional[str]) -> tuple[Run, torch.device]:
-    dev = distributed.init(pick_device(device or recipe.device))
+    dev = pick_device(device or recipe.device)
+    gpu.check_recipe(recipe, dev)  # GPU-only features fail here, before a run folder or a model exists
+    dev = distributed.init(dev)
     if distributed.active() and output is None:
         raise ValueError("multi-process training needs --output (tuneforge train --nproc sets it)")
     if not distributed.is_main():
@@ -128,19 +130,38 @@ def _check_same_data(previous: dict, current: dict) -> None:
             )
 
 
-def apply_method(model, recipe: Recipe):
+def apply_method(model, recipe: Recipe, quiet: bool = False):
+    if recipe.train.liger:  # on the plain model, before peft wraps its layers
+        patched = gpu.apply_liger(model)
+        if not quiet:
+            console.print(f"liger kernels (rms_norm, swiglu, rope) applied to the {patched} model")
     model = METHODS[recipe.method.name].prepare(model, recipe.method, recipe.task)
     if recipe.train.gradient_checkpointing:
         inner = model.get_base_model() if hasattr(model, "get_base_model") else model
         # Non-reentrant checkpointing needs no grad-requiring input, so frozen
         # embeddings (LoRA, freeze) work as they are.
         inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if quiet:
+        return model
     trainable, total = count_parameters(model)
     console.print(
         f"method {recipe.method.name}: {trainable:,} trainable of {total:,} parameters "
         f"({100 * trainable / total:.2f}%)"
     )
     return model
+
+
+def shard(model, root, recipe: Recipe, device: torch.device) -> bool:
+    """Shard `model` for fsdp when the recipe asks for it and several processes
+    run (`root` is the module whose forward computes the loss); True if sharded."""
+    cfg = recipe.train.distributed
+    if cfg.strategy == "fsdp" and distributed.active():
+        if recipe.task == "sft" and recipe.metric_for_best not in ("loss", "perplexity"):
+            raise ValueError(
+                f"train.metric_for_best '{recipe.metric_for_best}' needs generation during training, which fsdp "
+                "does not run (each rank holds a shard of the model): use loss or perplexity, or strategy ddp")
+        distributed.shard_model(model, root, cfg, device)
+    return distributed.is_sharded(model)
 
 
 def save_final_model(model, tokenizer, recipe: Recipe, run: Run):

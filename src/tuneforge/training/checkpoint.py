@@ -20,12 +20,15 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tuneforge.fsio import atomic_dir, is_complete
+from tuneforge.training import distributed
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().cpu().clone().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    """Whole tensors even when sharded (then a collective: every rank calls it)."""
+    return {n: distributed.full(p.detach()).cpu().clone().contiguous()
+            for n, p in model.named_parameters() if p.requires_grad}
 
 
 def load_trainable_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
@@ -35,7 +38,7 @@ def load_trainable_state(model: torch.nn.Module, state: dict[str, torch.Tensor])
         raise RuntimeError(f"checkpoint lacks trainable weights {missing[:3]}...: was it written by another recipe?")
     with torch.no_grad():
         for name, tensor in state.items():
-            params[name].copy_(tensor.to(params[name].device))
+            params[name].copy_(distributed.like(tensor, params[name]))
 
 
 def _split_optimizer(opt_state: dict) -> tuple[dict[str, torch.Tensor], dict]:
@@ -44,7 +47,7 @@ def _split_optimizer(opt_state: dict) -> tuple[dict[str, torch.Tensor], dict]:
         meta_entry = {}
         for key, value in entry.items():
             if torch.is_tensor(value):
-                tensors[f"state.{idx}.{key}"] = value.detach().cpu().clone().contiguous()
+                tensors[f"state.{idx}.{key}"] = distributed.full(value.detach()).cpu().clone().contiguous()
                 meta_entry[key] = {"tensor": True}
             else:
                 meta_entry[key] = {"value": value}
@@ -52,14 +55,22 @@ def _split_optimizer(opt_state: dict) -> tuple[dict[str, torch.Tensor], dict]:
     return tensors, meta
 
 
-def _join_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+def _join_optimizer(tensors: dict[str, torch.Tensor], meta: dict, optimizer) -> dict:
+    params = [p for group in optimizer.param_groups for p in group["params"]]
     state = {}
     for idx, entry in meta["state"].items():
+        param = params[int(idx)]
         state[int(idx)] = {
-            key: tensors[f"state.{idx}.{key}"] if spec.get("tensor") else spec["value"]
+            # Moments are laid out like their parameter (sharded under fsdp);
+            # scalar entries such as `step` stay as they are.
+            key: (_like_param(tensors[f"state.{idx}.{key}"], param) if spec.get("tensor") else spec["value"])
             for key, spec in entry.items()
         }
     return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def _like_param(value: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    return distributed.like(value, param) if value.dim() > 0 else value
 
 
 def _rng_state() -> tuple[dict[str, torch.Tensor], dict]:
@@ -97,10 +108,14 @@ def _from_json(obj: Any) -> Any:
 
 
 def save_checkpoint(folder: Path, model, optimizer, scheduler, loop_state: dict) -> None:
+    """Every rank calls this (sharded tensors are gathered); rank 0 writes."""
+    weights = trainable_state(model)
     opt_tensors, opt_meta = _split_optimizer(optimizer.state_dict())
+    if not distributed.is_main():
+        return
     rng_tensors, rng_meta = _rng_state()
     with atomic_dir(folder) as tmp:
-        save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+        save_file(weights, str(tmp / "trainable.safetensors"))
         save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
         save_file(rng_tensors, str(tmp / "rng.safetensors"))
         state = {"loop": loop_state, "optimizer": opt_meta, "scheduler": scheduler.state_dict(), "rng": rng_meta}
@@ -111,16 +126,21 @@ def load_checkpoint(folder: Path, model, optimizer, scheduler) -> dict:
     """Restore weights, optimizer, scheduler and RNG; return the loop state."""
     state = json.loads((folder / "state.json").read_text())
     load_trainable_state(model, load_file(str(folder / "trainable.safetensors")))
-    optimizer.load_state_dict(_join_optimizer(load_file(str(folder / "optimizer.safetensors")), state["optimizer"]))
+    optimizer.load_state_dict(
+        _join_optimizer(load_file(str(folder / "optimizer.safetensors")), state["optimizer"], optimizer))
     scheduler.load_state_dict(state["scheduler"])
     _restore_rng(load_file(str(folder / "rng.safetensors")), state["rng"])
     return state["loop"]
 
 
 def save_weights(folder: Path, model, info: dict) -> None:
-    """The best model so far: trainable weights only (the rest is the base model)."""
+    """The best model so far: trainable weights only (the rest is the base model).
+    Every rank calls this; rank 0 writes."""
+    weights = trainable_state(model)
+    if not distributed.is_main():
+        return
     with atomic_dir(folder) as tmp:
-        save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+        save_file(weights, str(tmp / "trainable.safetensors"))
         (tmp / "info.json").write_text(json.dumps(info, indent=1))
 
 

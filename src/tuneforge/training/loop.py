@@ -88,6 +88,7 @@ def fit(model, objective: Objective, cfg: TrainConfig, lr: float, run: Run, devi
     save_every = cfg.checkpoint_every or eval_every
 
     trainable = [p for p in model.parameters() if p.requires_grad]
+    sharded = distributed.is_sharded(model)
     progress = Progress(total, quiet or not distributed.is_main(), start_step=state.step)
     if last is not None:
         progress.message(f"resumed from {last.name} (epoch {state.epoch}, step {state.step}/{total})")
@@ -103,15 +104,21 @@ def fit(model, objective: Objective, cfg: TrainConfig, lr: float, run: Run, devi
                 optimizer.zero_grad(set_to_none=True)
                 loss_total, step_tokens = 0.0, 0
                 for mb in micro_batches:
-                    mine = distributed.shard(mb)
+                    mine, weight = distributed.shard(mb), 1.0
                     if not mine:
-                        continue
+                        if not sharded:
+                            continue
+                        # fsdp gathers weights inside forward and backward, so a rank
+                        # with no examples still runs one, contributing nothing.
+                        mine, weight = mb[:1], 0.0
                     with autocast(device):
                         loss, tokens = objective.loss_sum(mine)
+                        loss, tokens = loss * weight, int(tokens * weight)
                     (loss / norm).backward()
                     loss_total += loss.item()
                     step_tokens += tokens
-                distributed.sum_gradients(trainable)
+                if not sharded:  # fsdp reduce-scatters (sums) gradients in backward
+                    distributed.sum_gradients(trainable)
                 loss_total, step_tokens = distributed.sum_values(loss_total, step_tokens, device=device)
                 window_tokens += int(step_tokens)
                 grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm or float("inf"))
@@ -173,9 +180,8 @@ def _evaluate(model, objective: Objective, state: LoopState, cfg: TrainConfig, r
     run.log({"step": state.step, "split": "validation", **metrics})
     if _improved(value, state.best_metric, objective.higher_is_better):
         state.best_metric, state.best_step, state.evals_without_improvement = value, state.step, 0
-        if distributed.is_main():
-            ckpt.save_weights(run.checkpoints / "best", model,
-                              {"step": state.step, "metric": objective.metric, "value": value})
+        ckpt.save_weights(run.checkpoints / "best", model,  # every rank: gathers shards; rank 0 writes
+                          {"step": state.step, "metric": objective.metric, "value": value})
     else:
         state.evals_without_improvement += 1
         if cfg.early_stopping_patience and state.evals_without_improvement >= cfg.early_stopping_patience:
@@ -189,8 +195,8 @@ def _evaluate(model, objective: Objective, state: LoopState, cfg: TrainConfig, r
 
 
 def _save(model, optimizer, scheduler, state: LoopState, cfg: TrainConfig, run: Run) -> None:
-    # Every rank holds identical weights and optimizer state: rank 0 writes once.
+    # Every rank takes part (fsdp gathers its shards); rank 0 writes once.
+    ckpt.save_checkpoint(run.checkpoints / f"step-{state.step:07d}", model, optimizer, scheduler, asdict(state))
     if distributed.is_main():
-        ckpt.save_checkpoint(run.checkpoints / f"step-{state.step:07d}", model, optimizer, scheduler, asdict(state))
         ckpt.prune_checkpoints(run.checkpoints, cfg.keep_checkpoints)
     distributed.barrier()
