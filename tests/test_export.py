@@ -60,6 +60,8 @@ def test_export_loads_with_plain_transformers_and_matches_the_run(lora_runs, tmp
         torch.testing.assert_close(exported(**x).logits, original(**x).logits)
     (dest / "README.md").write_text("edited")
     assert "README.md changed" in verify_export(dest)
+    (dest / "fairness_postprocess.json").write_text("{}")
+    assert verify_export(dest) == "fairness_postprocess.json was added after export (not in manifest.json)"
 
 
 def test_export_refuses_weights_that_do_not_match_base_plus_adapter(lora_runs, tmp_path):

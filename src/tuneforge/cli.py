@@ -93,11 +93,14 @@ def train(
         _launch(recipe, overrides or [], parsed, output, resume, device, quiet, nproc)
     from tuneforge import api
     from tuneforge.data.load import DataError
+    from tuneforge.gpu import GpuUnavailable
 
     try:
         api.train(parsed, output=output, resume=resume, device=device.value if device else None, quiet=quiet)
     except DataError as exc:
         _fail(f"data error: {exc}", EXIT_DATA)
+    except GpuUnavailable as exc:
+        _fail(f"error: {exc}", 1)
     except (FileExistsError, FileNotFoundError) as exc:
         _fail(f"error: {exc}", 1)
 

@@ -17,7 +17,7 @@ from typing import Optional
 import yaml
 
 from tuneforge import __version__
-from tuneforge.fsio import atomic_dir, sha256_file
+from tuneforge.fsio import MARKER, atomic_dir, sha256_file
 
 ATOL = 1e-4
 SFT_PROMPTS = ["Convert to YYYY-MM-DD: 5 May 2001", "Write one sentence about the sea.", "What is 12 times 7?"]
@@ -121,7 +121,7 @@ def _model_card(recipe: dict, manifest: dict, metrics: dict, equivalence: dict) 
         f"Fine-tuned with tuneforge {__version__} from base model `{recipe['model']}` for **{recipe['task']}**.", "",
         "## Training", "",
         f"- Method: {method['name']}" + (f" (r={method['r']}, alpha={method['alpha']}, merged into the weights)"
-                                        if method["name"] == "lora" else ""),
+                                        if method["name"] in ("lora", "qlora") else ""),
         f"- Optimizer {recipe['train']['optimizer']}, learning rate {recipe['train']['learning_rate'] or 'default'}, "
         f"batch {recipe['train']['batch_size']}, max_length {recipe['train']['max_length']}, seed {recipe['train']['seed']}",
         "", "## Data", "", *data_lines, "",
@@ -164,8 +164,15 @@ def export_run(run: Path, to: Path, force: bool = False) -> dict:
 
 
 def verify_export(folder: Path) -> Optional[str]:
-    """None when every file still matches manifest.json; else what differs."""
+    """None when every file still matches manifest.json and no other file was
+    added (an added one, e.g. fairness_postprocess.json, changes what gets served);
+    else what differs."""
     manifest = json.loads((Path(folder) / "manifest.json").read_text())
+    names = (p.relative_to(folder).as_posix() for p in Path(folder).rglob("*") if p.is_file())
+    extra = sorted(n for n in names if n not in manifest["files"] and n not in ("manifest.json", MARKER))
+    if extra:
+        return f"{extra[0]} was added after export (not in manifest.json)" + (
+            f", and {len(extra) - 1} more" if len(extra) > 1 else "")
     for name, digest in manifest["files"].items():
         path = Path(folder) / name
         if not path.is_file():

@@ -214,7 +214,8 @@ def build_sections(run: Path) -> dict:
 
 def _recipe_summary(recipe: dict) -> list[list[str]]:
     m, t = recipe["method"], recipe["train"]
-    method = m["name"] + (f" (r={m['r']}, alpha={m['alpha']}, targets={m['target_modules']})" if m["name"] == "lora"
+    adapters = m["name"] in ("lora", "qlora")
+    method = m["name"] + (f" (r={m['r']}, alpha={m['alpha']}, targets={m['target_modules']})" if adapters
                           else f" (top {m['trainable_layers']} layers)" if m["name"] == "freeze" else "")
     return [["model", recipe["model"]], ["task", recipe["task"]], ["method", method],
             ["optimizer", f"{t['optimizer']}, lr {recipe['train'].get('learning_rate') or 'method default'}, "

@@ -7,10 +7,11 @@
 and this one table maps recipe names to modules.
 """
 
-from tuneforge.methods import freeze, full, lora
+from tuneforge.methods import freeze, full, lora, qlora
 
 METHODS = {
     "full": full,
     "freeze": freeze,
     "lora": lora,
+    "qlora": qlora,
 }

@@ -15,7 +15,7 @@ from tuneforge.evaluate.metrics import classification_metrics
 from tuneforge.evaluate.runner import evaluate_classifier
 from tuneforge.fairness import run as fairness
 from tuneforge.inference import collate, encode, predict_proba
-from tuneforge.models import load_classifier
+from tuneforge.models import load_classifier, load_options
 from tuneforge.recipe import Recipe
 from tuneforge.trainers import shared
 from tuneforge.training import distributed
@@ -32,7 +32,7 @@ def train(recipe: Recipe, output: Optional[str] = None, resume: bool = False, de
     labels = splits.labels
     label_id = {lab: i for i, lab in enumerate(labels)}
     shared.seed_everything(recipe.train.seed)
-    model, tokenizer, _ = load_classifier(recipe.model, labels, recipe.train.dropout)
+    model, tokenizer, _ = load_classifier(recipe.model, labels, recipe.train.dropout, **load_options(recipe))
     model = shared.apply_method(model, recipe).to(dev)
     shared.shard(model, model, recipe, dev)
     pad_id = tokenizer.pad_token_id
@@ -77,7 +77,7 @@ def train(recipe: Recipe, output: Optional[str] = None, resume: bool = False, de
     # ---- train
     fit(model, objective, recipe.train, recipe.learning_rate, run, dev, resume=resume, quiet=quiet)
     model = distributed.consolidate(
-        model, lambda: shared.apply_method(load_classifier(recipe.model, labels)[0], recipe, quiet=True).to(dev))
+        model, lambda: shared.apply_method(load_classifier(recipe.model, labels, **load_options(recipe))[0], recipe, quiet=True).to(dev))
 
     if not distributed.is_main():
         return {}  # rank 0 saves, evaluates and reports

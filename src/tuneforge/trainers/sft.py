@@ -31,7 +31,7 @@ from tuneforge.inference import (
     reference_nll,
     supports_packing,
 )
-from tuneforge.models import load_causal_lm
+from tuneforge.models import load_causal_lm, load_options
 from tuneforge.recipe import Recipe
 from tuneforge.trainers import shared
 from tuneforge.training import distributed
@@ -100,7 +100,7 @@ def train(recipe: Recipe, output: Optional[str] = None, resume: bool = False, de
     run, dev = shared.open_run(recipe, output, resume, device)
     splits = shared.load_splits(recipe, run)
     shared.seed_everything(recipe.train.seed)
-    model, tokenizer, _ = load_causal_lm(recipe.model, recipe.train.dropout)
+    model, tokenizer, _ = load_causal_lm(recipe.model, recipe.train.dropout, **load_options(recipe))
     model.to(dev)
     if splits.kind == "text":
         # Continued pre-training: raw text cut into max_length blocks, loss on every
@@ -151,7 +151,7 @@ def train(recipe: Recipe, output: Optional[str] = None, resume: bool = False, de
     # ---- train
     fit(model, objective, recipe.train, recipe.learning_rate, run, dev, resume=resume, quiet=quiet)
     model = distributed.consolidate(
-        model, lambda: shared.apply_method(load_causal_lm(recipe.model)[0], recipe, quiet=True).to(dev))
+        model, lambda: shared.apply_method(load_causal_lm(recipe.model, **load_options(recipe))[0], recipe, quiet=True).to(dev))
 
     if not distributed.is_main():
         return {}  # rank 0 saves, evaluates and reports
