@@ -191,18 +191,20 @@ def test_gradient_checkpointing_gives_the_same_training(tmp_path, data_for):
         torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5)
 
 
-def test_packed_loss_equals_padded_loss_and_keeps_examples_apart():
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_packed_loss_equals_padded_loss_and_keeps_examples_apart(attention):
     """Padding-free packing gives the padded per-example losses exactly, and
-    changing one example leaves its row-mates' losses untouched."""
+    changing one example leaves its row-mates' losses untouched: SDPA models run
+    tuneforge's per-example attention (VARLEN), others transformers' block-diagonal
+    mask from the restarting position ids."""
     import random
 
     from tuneforge import inference
     from tuneforge.data.render import IGNORE, Rendered
     from tuneforge.models import load_causal_lm
-    from tuneforge.training.batching import pack_rows
 
-    assert pack_rows([5, 40, 12, 7, 33, 20, 9], 40) == [[1], [3, 4], [0, 2, 5], [6]]  # first-fit decreasing
     model, tok, _ = load_causal_lm("tiny-llama")
+    model.set_attn_implementation(attention)
     rng = random.Random(0)
     examples = []
     for n in [5, 40, 12, 7, 33, 20, 9]:
@@ -210,6 +212,7 @@ def test_packed_loss_equals_padded_loss_and_keeps_examples_apart():
         examples.append(Rendered(ids, [IGNORE] * (n // 2) + ids[n // 2:], False))
     cpu = torch.device("cpu")
     assert inference.supports_packing(model)
+    assert model.config._attn_implementation == {"sdpa": inference.VARLEN, "eager": "eager"}[attention]
     packed, tokens = inference.sequence_nll(model, examples, tok.pad_token_id, cpu)
     model._tuneforge_packing = False
     padded, tokens_padded = inference.sequence_nll(model, examples, tok.pad_token_id, cpu)
@@ -217,7 +220,7 @@ def test_packed_loss_equals_padded_loss_and_keeps_examples_apart():
     assert torch.allclose(packed, padded, atol=1e-4)
     model._tuneforge_packing = True
     changed = list(examples)
-    changed[3] = Rendered([9] * 7, [9] * 7, False)  # shares a row with example 4
+    changed[3] = Rendered([9] * 7, [9] * 7, False)  # between examples 2 and 4 in the packed row
     again, _ = inference.sequence_nll(model, changed, tok.pad_token_id, cpu)
     keep = [0, 1, 2, 4, 5, 6]
     assert torch.allclose(again[keep], packed[keep], atol=1e-5) and not torch.allclose(again[3], packed[3])

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from tuneforge.data.render import IGNORE, Rendered
-from tuneforge.training.batching import attention_mask, eval_batches, pack_rows, pad
+from tuneforge.training.batching import attention_mask, eval_batches, pad
 
 
 def encode(tokenizer, texts: list[str], max_length: int) -> list[list[int]]:
@@ -48,13 +48,12 @@ class SupervisedNLL(torch.nn.Module):
         super().__init__()
         self.lm = lm
 
-    def forward(self, ids, targets, position_ids=None, attention_mask=None) -> torch.Tensor:
-        """targets[r, t] is the token position t predicts (IGNORE where there is no loss)."""
+    def forward(self, ids, targets, position_ids=None, attention_mask=None, segments=None) -> torch.Tensor:
+        """targets[r, t] is the token position t predicts (IGNORE where there is no loss);
+        `segments`: the lengths of the examples packed into the one row of `ids`."""
         body, head = split_lm(self.lm)
-        # No KV cache: with restarting position ids and no mask, transformers derives
-        # a block-diagonal causal mask (a cache object switches that detection off).
-        hidden = body(input_ids=ids, position_ids=position_ids, attention_mask=attention_mask,
-                      use_cache=False).last_hidden_state
+        hidden = body(input_ids=ids, position_ids=position_ids, attention_mask=attention_mask, use_cache=False,
+                      **_packing_kwargs(self.lm, segments)).last_hidden_state
         chosen = targets != IGNORE
         return F.cross_entropy(head(hidden[chosen]).float(), targets[chosen], reduction="none")
 
@@ -71,9 +70,9 @@ def sequence_nll(model, examples: list[Rendered], pad_id: int, device: torch.dev
     """Next-token loss summed per sequence over its supervised positions: [batch], real tokens.
     Short examples share rows (padding-free packing) when the model supports it."""
     if len(examples) > 1 and supports_packing(model):
-        ids, pos, targets, owner = (t.to(device) for t in _packed_rows(examples, pad_id))
-        nll = nll_module(model)(ids, targets, position_ids=pos)
-        tokens = sum(len(e.input_ids) for e in examples)
+        ids, pos, targets, owner = (t.to(device) for t in _packed_row(examples))
+        nll = nll_module(model)(ids, targets, position_ids=pos, segments=[len(e.input_ids) for e in examples])
+        tokens = ids.shape[1]
     else:
         ids = pad([e.input_ids for e in examples], pad_id).to(device)
         mask = attention_mask([e.input_ids for e in examples]).to(device)
@@ -87,29 +86,64 @@ def sequence_nll(model, examples: list[Rendered], pad_id: int, device: torch.dev
     return per_sequence, tokens
 
 
-def _packed_rows(examples: list[Rendered], pad_id: int):
-    """Examples packed into rows no wider than the longest one (so never more
-    memory than padding), position ids restarting per example; targets are
-    shifted per example so no token predicts its neighbour's first token."""
-    lengths = [len(e.input_ids) for e in examples]
-    width = max(lengths)
+def _packed_row(examples: list[Rendered]):
+    """All examples end to end in one row, with no padding: position ids restart
+    per example, and targets are shifted per example so no token predicts its
+    neighbour's first token. The attention keeps examples apart (_packing_kwargs)."""
     ids, pos, tgt, owner = [], [], [], []
-    for row in pack_rows(lengths, width):
-        r_ids, r_pos, r_tgt, r_own = [], [], [], []
-        for i in row:
-            e = examples[i]
-            r_ids += e.input_ids
-            r_pos += range(len(e.input_ids))
-            r_tgt += e.labels[1:] + [IGNORE]
-            r_own += [i] * len(e.input_ids)
-        fill = width - len(r_ids)
-        # Padding continues as one more "sequence" of its own: its positions start
-        # at 0 so it is masked off from the real examples, and it carries no loss.
-        ids.append(r_ids + [pad_id] * fill)
-        pos.append(r_pos + list(range(fill)))
-        tgt.append(r_tgt + [IGNORE] * fill)
-        owner.append(r_own + [-1] * fill)
-    return tuple(torch.tensor(x, dtype=torch.long) for x in (ids, pos, tgt, owner))
+    for i, e in enumerate(examples):
+        ids += e.input_ids
+        pos += range(len(e.input_ids))
+        tgt += e.labels[1:] + [IGNORE]
+        owner += [i] * len(e.input_ids)
+    return tuple(torch.tensor([x], dtype=torch.long) for x in (ids, pos, tgt, owner))
+
+
+# Attention over packed examples, registered with transformers under this name:
+# causal SDPA on each example's own span. The linear layers see one row with no
+# padding at all, and no attention is spent across examples (a block-diagonal mask
+# over the whole row would compute all of it and then throw most away).
+VARLEN = "tuneforge_varlen"
+
+
+def _varlen_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
+                      tuneforge_segments=None, **kwargs):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if tuneforge_segments is None:  # padded batches, generation: plain SDPA with its mask
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    gqa = query.shape[1] != key.shape[1]
+    outputs, start = [], 0
+    for length in tuneforge_segments:
+        span = slice(start, start + length)
+        outputs.append(F.scaled_dot_product_attention(
+            query[:, :, span], key[:, :, span], value[:, :, span], dropout_p=dropout, scale=scaling,
+            is_causal=True, enable_gqa=gqa))
+        start += length
+    return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
+
+
+def _use_varlen(model) -> bool:
+    """Switch an SDPA model to VARLEN (the same maths; other implementations keep
+    theirs: FlashAttention packs by position ids natively, eager gets transformers'
+    block-diagonal mask). Returns whether VARLEN is in use."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if inner.config._attn_implementation == "sdpa":
+        AttentionInterface.register(VARLEN, _varlen_attention)
+        AttentionMaskInterface.register(VARLEN, sdpa_mask)  # masks as for sdpa where one is needed
+        inner.set_attn_implementation(VARLEN)
+    return inner.config._attn_implementation == VARLEN
+
+
+def _packing_kwargs(model, segments) -> dict:
+    if segments is None:
+        return {}
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return {"tuneforge_segments": segments} if inner.config._attn_implementation == VARLEN else {}
 
 
 def supports_packing(model) -> bool:
@@ -120,6 +154,7 @@ def supports_packing(model) -> bool:
     if cached is not None:
         return cached
     body, _ = split_lm(model)
+    varlen = _use_varlen(model)
     try:
         device = next(model.parameters()).device
         a, b = [3, 5, 7, 11, 13], [17, 19, 23]
@@ -128,12 +163,14 @@ def supports_packing(model) -> bool:
         with torch.no_grad():
             packed = body(input_ids=torch.tensor([a + b], device=device),
                           position_ids=torch.tensor([list(range(5)) + list(range(3))], device=device),
-                          use_cache=False).last_hidden_state
+                          use_cache=False, **_packing_kwargs(model, [5, 3])).last_hidden_state
             alone = body(input_ids=torch.tensor([b], device=device)).last_hidden_state
         model.train(was_training)
         ok = bool(torch.allclose(packed[0, 5:].float(), alone[0].float(), atol=1e-3, rtol=1e-3))
     except (TypeError, ValueError, RuntimeError):  # no position_ids support: fall back to padding
         ok = False
+    if varlen and not ok:
+        (model.get_base_model() if hasattr(model, "get_base_model") else model).set_attn_implementation("sdpa")
     model._tuneforge_packing = ok
     return ok
 
