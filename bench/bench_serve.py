@@ -45,11 +45,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model: str, max_batch: int, max_wait_ms: float, port: int) -> subprocess.Popen:
+def start_server(model: str, max_batch: int, max_wait_ms: float, port: int, dtype: str = "float32",
+                 threads: int | None = None) -> subprocess.Popen:
     import httpx
 
     cmd = [sys.executable, "-m", "tuneforge.cli", "serve", model, "--port", str(port), "--max-batch", str(max_batch),
-           "--max-wait-ms", str(max_wait_ms), "--max-queue", "1024"]
+           "--max-wait-ms", str(max_wait_ms), "--max-queue", "1024", "--dtype", dtype]
+    cmd += ["--threads", str(threads)] if threads else []
     proc = subprocess.Popen(cmd, env={**os.environ, "TUNEFORGE_API_KEYS": KEY}, stderr=subprocess.DEVNULL)
     for _ in range(1200):
         try:
@@ -61,38 +63,81 @@ def start_server(model: str, max_batch: int, max_wait_ms: float, port: int) -> s
     raise RuntimeError("the server did not start in 120 s")
 
 
+class Connection:
+    """A lean HTTP/1.1 keep-alive client on asyncio streams. The load generator
+    shares the 2 cores with the server: httpx spent ~4 ms of CPU per request here,
+    as much as the server's own work, so it capped the very throughput being
+    measured (the way wrk or hey, not a Python HTTP library, drive load tests)."""
+
+    def __init__(self, host: str, port: int):
+        self.host, self.port = host, port
+        self.reader = self.writer = None
+
+    async def post(self, path: str, body: bytes) -> int:
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        head = (f"POST {path} HTTP/1.1\r\nHost: {self.host}\r\nAuthorization: Bearer {KEY}\r\n"
+                f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+        self.writer.write(head + body)
+        status_line = await self.reader.readline()
+        if not status_line:
+            raise ConnectionError("server closed the connection")
+        length, close = 0, False
+        while (line := await self.reader.readline()) not in (b"\r\n", b""):
+            name, _, value = line.decode("latin-1").partition(":")
+            name = name.strip().lower()
+            if name == "content-length":
+                length = int(value)
+            elif name == "connection" and value.strip().lower() == "close":
+                close = True
+        await self.reader.readexactly(length)
+        if close:
+            self.close()
+        return int(status_line.split()[1])
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        self.reader = self.writer = None
+
+
 async def load(url: str, model: str, clients: int, seconds: float, texts: list[str]) -> dict:
     import httpx
 
+    host, port = url.rsplit("//", 1)[1].split(":")
+    bodies = [json.dumps({"model": model, "input": t}).encode() for t in texts]
     latencies, statuses, in_window = [], Counter(), 0
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {KEY}"}, limits=limits,
-                                 timeout=120) as client:
-        # warm-up: first calls pay one-off costs (allocations, lazy init)
-        await asyncio.gather(*[client.post("/v1/classify", json={"model": model, "input": texts[i]})
-                               for i in range(min(clients, 32))])
-        end = time.perf_counter() + seconds
+    connections = [Connection(host, int(port)) for _ in range(clients)]
+    # warm-up: first calls pay one-off costs (allocations, lazy init)
+    await asyncio.gather(*[c.post("/v1/classify", bodies[i]) for i, c in enumerate(connections[:32])])
+    end = time.perf_counter() + seconds
+    cpu0 = time.process_time()
 
-        async def one_client(k: int) -> None:
-            nonlocal in_window
-            i = k
-            while time.perf_counter() < end:
-                begun = time.perf_counter()
-                try:
-                    resp = await client.post("/v1/classify", json={"model": model, "input": texts[i % len(texts)]})
-                    statuses[str(resp.status_code)] += 1
-                    if resp.status_code == 200:
-                        done = time.perf_counter()
-                        latencies.append(done - begun)
-                        in_window += done <= end
-                except httpx.HTTPError as exc:
-                    statuses[type(exc).__name__] += 1
-                i += clients
+    async def one_client(k: int) -> None:
+        nonlocal in_window
+        i, conn = k, connections[k]
+        while time.perf_counter() < end:
+            begun = time.perf_counter()
+            try:
+                status = await conn.post("/v1/classify", bodies[i % len(bodies)])
+                statuses[str(status)] += 1
+                if status == 200:
+                    done = time.perf_counter()
+                    latencies.append(done - begun)
+                    in_window += done <= end
+            except (OSError, asyncio.IncompleteReadError, ValueError) as exc:
+                statuses[type(exc).__name__] += 1
+                conn.close()
+            i += clients
 
-        begun = time.perf_counter()
-        await asyncio.gather(*[one_client(k) for k in range(clients)])
-        elapsed = time.perf_counter() - begun
-        server = {}
+    begun = time.perf_counter()
+    await asyncio.gather(*[one_client(k) for k in range(clients)])
+    elapsed = time.perf_counter() - begun
+    client_cpu = time.process_time() - cpu0
+    for conn in connections:
+        conn.close()
+    server = {}
+    async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {KEY}"}) as client:
         for line in (await client.get("/metrics")).text.splitlines():
             for name in ("tuneforge_batch_size_sum", "tuneforge_batch_size_count"):
                 if line.startswith(name + "{"):
@@ -111,13 +156,14 @@ async def load(url: str, model: str, clients: int, seconds: float, texts: list[s
             "status_counts": dict(statuses),
             "mean_batch_size": round(server["tuneforge_batch_size_sum"]
                                      / max(server["tuneforge_batch_size_count"], 1), 1),
+            "client_cpu_ms_per_request": round(1000 * client_cpu / max(sum(statuses.values()), 1), 2),
             "errors_5xx": sum(v for k, v in statuses.items() if k.startswith("5")),
             "transport_errors": sum(v for k, v in statuses.items() if not k.isdigit())}
 
 
 def run_mode(model: str, max_batch: int, args, texts) -> dict:
     port = free_port()
-    proc = start_server(model, max_batch, args.max_wait_ms, port)
+    proc = start_server(model, max_batch, args.max_wait_ms, port, args.dtype, args.threads)
     try:
         result = asyncio.run(load(f"http://127.0.0.1:{port}", model, args.clients, args.seconds, texts))
     finally:
@@ -134,6 +180,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=60.0, help="Measured time per mode.")
     parser.add_argument("--max-batch", type=int, default=32, help="Batch size of the batched mode.")
     parser.add_argument("--max-wait-ms", type=float, default=10.0, help="Batch fill wait of the batched mode.")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="Server weights' dtype.")
+    parser.add_argument("--threads", type=int, default=None, help="Server torch threads (default: one per core).")
     parser.add_argument("--out", default=None, help="JSON path (default bench/results/<date>-<host>-serve.json).")
     args = parser.parse_args()
     texts = sentences()
@@ -152,7 +200,7 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({
         "benchmark": "serve", "model": args.model, "clients": args.clients, "seconds_per_mode": args.seconds,
-        "max_wait_ms": args.max_wait_ms, "cpu_count": os.cpu_count(),
+        "max_wait_ms": args.max_wait_ms, "dtype": args.dtype, "threads": args.threads, "cpu_count": os.cpu_count(),
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
         "platform": platform.platform(), "python": platform.python_version(), "modes": modes,
         "speedup": round(ratio, 2), "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),

@@ -3,6 +3,7 @@ do not, and saved artefacts reload to the same logits."""
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -256,3 +257,30 @@ def test_fused_lora_forward_matches_peft_exactly():
     with peft_model.disable_adapter():  # peft's own path: the base model alone
         base = peft_model(input_ids=ids).logits.detach()
     assert not torch.allclose(base, fused, atol=1e-4)
+
+
+def test_packed_classification_equals_padded_and_falls_back_for_other_heads():
+    """BERT-style classifiers (LoRA-wrapped too) score a batch padding-free in one
+    row with the padded model's probabilities; a head without a pooler (a decoder
+    classifier reads its last token) keeps the padded path and plain SDPA."""
+    from tuneforge import inference
+    from tuneforge.methods import lora
+    from tuneforge.models import load_classifier
+    from tuneforge.recipe import MethodConfig
+
+    cpu = torch.device("cpu")
+    torch.manual_seed(0)
+    model, tok, _ = load_classifier("minilm-l6", ["neg", "pos", "mixed"])
+    model = lora.prepare(model, MethodConfig(name="lora", r=4), "classification")
+    texts = ["a fine film", "dull, long and far too loud", "ok", "the cast was great but the plot was not"]
+    ids = inference.encode(tok, texts, 64)
+    assert inference.supports_packed_classification(model)
+    packed = inference.predict_proba(model, ids, tok.pad_token_id, 8, cpu)
+    model.__dict__["_tuneforge_packed_cls"] = False
+    padded = inference.predict_proba(model, ids, tok.pad_token_id, 8, cpu)
+    np.testing.assert_allclose(packed, padded, atol=1e-6)
+    assert np.abs(padded[0] - padded[1]).max() > 1e-3  # the texts do get different answers
+
+    decoder, dtok, _ = load_classifier("tiny-llama", ["neg", "pos"])
+    assert not inference.supports_packed_classification(decoder)
+    assert decoder.config._attn_implementation == "sdpa"

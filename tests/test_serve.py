@@ -575,6 +575,23 @@ def test_merged_export_serves_the_same_answers_as_the_run(runs, gen, cls):
         exported.stop()
 
 
+def test_bfloat16_weights_and_thread_count_serve_close_answers(runs):
+    """--dtype bfloat16 --threads 1: the weights are bf16, torch uses one thread,
+    and the answers stay within bf16 rounding of the float32 model's."""
+    expected = _reference_probs(runs["clsA-export"], TEXTS)
+    threads = torch.get_num_threads()
+    live = _serve(str(runs["clsA-export"]), settings={"dtype": "bfloat16", "threads": 1})
+    try:
+        assert next(live.app.state.served.model.parameters()).dtype == torch.bfloat16
+        assert torch.get_num_threads() == 1
+        data = live.http("POST", "/v1/classify", json={"model": "clsA-export", "input": TEXTS}).json()["data"]
+        for row, probs in zip(data, expected):
+            assert list(row["probabilities"].values()) == pytest.approx(probs, abs=2e-2)
+    finally:
+        live.stop()
+        torch.set_num_threads(threads)
+
+
 def test_adapters_for_another_base_or_task_are_refused(runs):
     from tuneforge.serve.app import create_app
     from tuneforge.serve.registry import TargetError

@@ -43,6 +43,8 @@ class Settings:
     max_n: int = 8
     max_inputs: int = 256  # texts per /v1/classify request
     device: str = "auto"
+    dtype: str = "float32"  # or bfloat16: half the memory; on CPUs with AVX512-BF16 or AMX, faster batches
+    threads: Optional[int] = None  # torch intra-op threads (None: torch's default, one per core)
     request_log: Optional[str] = None
     log_inputs: str = "hash"
 
@@ -145,7 +147,12 @@ def create_app(target: str, adapters: Optional[dict[str, str]] = None, api_keys:
     if not api_keys and not admin_keys:
         raise ValueError("no API keys: pass api_keys (the CLI reads TUNEFORGE_API_KEYS or --api-key-file)")
     device = pick_device(settings.device)
+    if settings.threads:
+        import torch
+
+        torch.set_num_threads(settings.threads)
     served = registry.resolve(target, name)
+    served.dtype = settings.dtype
     extra = [registry.adapter_source(n, ref) for n, ref in (adapters or {}).items()]
     registry.load(served, extra, device)
 

@@ -45,6 +45,7 @@ class Served:
     model: object = None
     tokenizer: object = None
     adapters: dict = field(default_factory=dict)  # name -> AdapterSource
+    dtype: str = "float32"  # weights' dtype: float32 or bfloat16
 
     def names(self) -> list[str]:
         return [self.base_name, *self.adapters]
@@ -147,10 +148,11 @@ def load_base(served: Served, device) -> None:
         if served.labels:
             kwargs = {"num_labels": len(served.labels), "id2label": dict(enumerate(served.labels)),
                       "label2id": {lab: i for i, lab in enumerate(served.labels)}}
-        model = AutoModelForSequenceClassification.from_pretrained(served.base_path, dtype=torch.float32, **kwargs)
+        model = AutoModelForSequenceClassification.from_pretrained(served.base_path, dtype=getattr(torch, served.dtype),
+                                                                   **kwargs)
         served.labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
     else:
-        model = AutoModelForCausalLM.from_pretrained(served.base_path, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(served.base_path, dtype=getattr(torch, served.dtype))
     tokenizer_from = served.own_adapter.path if served.own_adapter else served.base_path
     tokenizer = load_tokenizer(str(tokenizer_from))
     if model.config.pad_token_id is None:

@@ -52,6 +52,9 @@ def train(recipe: Recipe, output: Optional[str] = None, resume: bool = False, de
     eval_bs = recipe.train.eval_batch_size or 2 * recipe.train.batch_size
 
     def loss_sum(batch: list[int]) -> tuple[torch.Tensor, int]:
+        # Padded, length-grouped batches: in training, packing measured slower here
+        # (123 -> 103 examples/s on minilm-l6: one attention call per text, forward
+        # and backward, outweighs the little padding that grouping leaves).
         logits = model(**collate([train_ids[i] for i in batch], pad_id, dev)).logits
         if weights is None:
             loss = F.cross_entropy(logits.float(), train_y[batch].to(dev), reduction="sum")
