@@ -190,10 +190,16 @@ class MethodConfig(Section):
 
 
 class DistributedConfig(Section):
-    strategy: Literal["ddp", "fsdp"] = Field(
+    strategy: Literal["ddp", "fsdp", "deepspeed"] = Field(
         "ddp", description="How the processes of `train --nproc N` (or torchrun) share the work. ddp: every "
         "process holds the whole model and gradients are summed once per step; fsdp: weights, gradients and "
-        "optimizer state are sharded across processes (PyTorch FSDP2, the ZeRO-3 layout), each holding 1/N.",
+        "optimizer state are sharded across processes (PyTorch FSDP2, the ZeRO-3 layout), each holding 1/N; "
+        "deepspeed: DeepSpeed ZeRO as deepspeed_config says (pip install 'tuneforge[deepspeed]').",
+    )
+    deepspeed_config: Optional[str] = Field(
+        None, description="deepspeed: a DeepSpeed JSON config, passed through (zero_optimization: stage 1-3, "
+        "offload, buckets, communication). tuneforge sets micro-batch, accumulation and clipping from train:, "
+        "and the recipe's optimizer and schedule are used, so the file has no optimizer/scheduler/fp16/bf16.",
     )
     reshard_after_forward: bool = Field(
         True, description="fsdp: free each layer's gathered weights after its forward and gather them again for "
@@ -203,6 +209,13 @@ class DistributedConfig(Section):
         False, description="fsdp on GPUs: keep sharded weights, gradients and optimizer state in CPU memory "
         "(ZeRO-Offload-like): slower steps, larger models fit.",
     )
+
+    @model_validator(mode="after")
+    def _deepspeed_needs_config(self):
+        if (self.strategy == "deepspeed") != (self.deepspeed_config is not None):
+            raise ValueError("strategy deepspeed and deepspeed_config go together: set both (a DeepSpeed JSON "
+                             "with zero_optimization) or neither")
+        return self
 
 
 class TrainConfig(Section):
@@ -486,7 +499,8 @@ _PATH_KEYS = ("train", "validation", "test", "review_decisions")
 
 
 _PATHS = [("data", key) for key in _PATH_KEYS] + [
-    ("eval", "reference_text"), ("fairness", "lexicon_files"), ("data", "augment", "extra_terms")]
+    ("eval", "reference_text"), ("fairness", "lexicon_files"), ("data", "augment", "extra_terms"),
+    ("train", "distributed", "deepspeed_config")]
 
 
 def _resolve_paths(raw: dict, base: Path) -> None:

@@ -155,11 +155,12 @@ def shard(model, root, recipe: Recipe, device: torch.device) -> bool:
     """Shard `model` for fsdp when the recipe asks for it and several processes
     run (`root` is the module whose forward computes the loss); True if sharded."""
     cfg = recipe.train.distributed
-    if cfg.strategy == "fsdp" and distributed.active():
+    if cfg.strategy != "ddp" and distributed.active():
         if recipe.task == "sft" and recipe.metric_for_best not in ("loss", "perplexity"):
             raise ValueError(
-                f"train.metric_for_best '{recipe.metric_for_best}' needs generation during training, which fsdp "
-                "does not run (each rank holds a shard of the model): use loss or perplexity, or strategy ddp")
+                f"train.metric_for_best '{recipe.metric_for_best}' needs generation during training, which "
+                f"{cfg.strategy} does not run (each rank holds a shard of the model): use loss or perplexity, "
+                "or strategy ddp")
         distributed.shard_model(model, root, cfg, device)
     return distributed.is_sharded(model)
 

@@ -27,8 +27,9 @@ STEP_DIR = re.compile(r"^step-(\d+)$")
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Whole tensors even when sharded (then a collective: every rank calls it)."""
-    return {n: distributed.full(p.detach()).cpu().clone().contiguous()
-            for n, p in model.named_parameters() if p.requires_grad}
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    with distributed.gathered(model, [p for _, p in named]):
+        return {n: distributed.full(p.detach()).cpu().clone().contiguous() for n, p in named}
 
 
 def load_trainable_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
@@ -36,9 +37,10 @@ def load_trainable_state(model: torch.nn.Module, state: dict[str, torch.Tensor])
     missing = [n for n, p in params.items() if p.requires_grad and n not in state]
     if missing:
         raise RuntimeError(f"checkpoint lacks trainable weights {missing[:3]}...: was it written by another recipe?")
-    with torch.no_grad():
+    with torch.no_grad(), distributed.gathered(model, [params[n] for n in state], modify=True):
         for name, tensor in state.items():
             params[name].copy_(distributed.like(tensor, params[name]))
+    distributed.weights_loaded(model)
 
 
 def _split_optimizer(opt_state: dict) -> tuple[dict[str, torch.Tensor], dict]:
@@ -107,10 +109,37 @@ def _from_json(obj: Any) -> Any:
     return tuple(_from_json(x) for x in obj) if isinstance(obj, list) else obj
 
 
+def _optimizer_state(model, optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    with distributed.optimizer_view(model):
+        tensors, meta = _split_optimizer(optimizer.state_dict())
+    if distributed.deepspeed_engine(model) is None:
+        return tensors, meta
+    # DeepSpeed ZeRO: each rank's optimizer holds its own partition; rank 0 writes
+    # them all, keyed by rank (so resuming needs the same number of processes).
+    shards = distributed.gather_to_main((tensors, meta))
+    if shards is None:
+        return {}, {}
+    return ({f"rank{r}.{key}": value for r, (part, _) in enumerate(shards) for key, value in part.items()},
+            {"zero_ranks": [part_meta for _, part_meta in shards]})
+
+
+def _load_optimizer(model, optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    if "zero_ranks" in meta:
+        rank, size = distributed.world()
+        if len(meta["zero_ranks"]) != size:
+            raise RuntimeError(f"this checkpoint holds DeepSpeed optimizer partitions of {len(meta['zero_ranks'])} "
+                               f"processes; resume with --nproc {len(meta['zero_ranks'])} (this run has {size})")
+        prefix = f"rank{rank}."
+        tensors = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        meta = meta["zero_ranks"][rank]
+    with distributed.optimizer_view(model):
+        optimizer.load_state_dict(_join_optimizer(tensors, meta, optimizer))
+
+
 def save_checkpoint(folder: Path, model, optimizer, scheduler, loop_state: dict) -> None:
     """Every rank calls this (sharded tensors are gathered); rank 0 writes."""
     weights = trainable_state(model)
-    opt_tensors, opt_meta = _split_optimizer(optimizer.state_dict())
+    opt_tensors, opt_meta = _optimizer_state(model, optimizer)
     if not distributed.is_main():
         return
     rng_tensors, rng_meta = _rng_state()
@@ -126,8 +155,7 @@ def load_checkpoint(folder: Path, model, optimizer, scheduler) -> dict:
     """Restore weights, optimizer, scheduler and RNG; return the loop state."""
     state = json.loads((folder / "state.json").read_text())
     load_trainable_state(model, load_file(str(folder / "trainable.safetensors")))
-    optimizer.load_state_dict(
-        _join_optimizer(load_file(str(folder / "optimizer.safetensors")), state["optimizer"], optimizer))
+    _load_optimizer(model, optimizer, load_file(str(folder / "optimizer.safetensors")), state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     _restore_rng(load_file(str(folder / "rng.safetensors")), state["rng"])
     return state["loop"]

@@ -54,7 +54,11 @@ def shard_model(model: torch.nn.Module, root: torch.nn.Module, cfg, device: torc
     """FSDP2: shard each transformer layer (HF's `_no_split_modules` names them)
     and then `root`, the module whose forward runs the whole loss (it owns what is
     left: embeddings, final norm, head, tied or not). A no-op for ddp or one process."""
-    if not active() or cfg.strategy != "fsdp":
+    if not active() or cfg.strategy == "ddp":
+        return
+    if cfg.strategy == "deepspeed":  # the engine wraps `root` once the loop has built the optimizer
+        model.__dict__["_tuneforge_ds_root"] = root
+        model.__dict__["_tuneforge_sharded"] = True
         return
     from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, fully_shard
 
@@ -85,6 +89,122 @@ def is_sharded(model: torch.nn.Module) -> bool:
     return bool(model.__dict__.get("_tuneforge_sharded"))
 
 
+# ---------------------------------------------------------------- DeepSpeed ZeRO
+# tuneforge's loop keeps the data plan, loss normalisation, schedule and its own
+# pickle-free checkpoints; DeepSpeed (initialised with the recipe's optimizer)
+# partitions optimizer state (ZeRO-1), gradients (2) and weights (3) and reduces
+# gradients. Each optimizer step: backward per micro-batch, one engine.step().
+
+_REFUSED = {"optimizer": "train.optimizer and train.learning_rate", "scheduler": "train.scheduler and train.warmup",
+            "fp16": "bf16 autocast on GPUs (automatic)", "bf16": "bf16 autocast on GPUs (automatic)",
+            "train_batch_size": "train.batch_size", "gradient_accumulation_steps": "train.gradient_accumulation",
+            "gradient_clipping": "train.max_grad_norm"}
+
+
+def deepspeed_config(path: str, train_cfg) -> dict:
+    import json
+    from pathlib import Path
+
+    try:
+        config = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"train.distributed.deepspeed_config {path}: {exc}") from exc
+    clashes = [f"{key} (set by {_REFUSED[key]})" for key in config if key in _REFUSED
+               and not (key in ("fp16", "bf16") and not (config[key] or {}).get("enabled"))]
+    if clashes:
+        raise ValueError(f"{path}: remove {', '.join(clashes)}: the recipe decides these, so that one recipe "
+                         "trains the same way with any strategy")
+    # The engine only books the micro-batch size (tuneforge feeds it), and every
+    # engine.step() is an optimizer step (unmanaged accumulation).
+    config.update(train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=1,
+                  managed_gradient_accumulation=False, gradient_clipping=train_cfg.max_grad_norm or 0.0)
+    config.setdefault("steps_per_print", 10**9)
+    return config
+
+
+def deepspeed_init(model: torch.nn.Module, optimizer, train_cfg):
+    """Wrap the loss module that shard_model recorded with a DeepSpeed engine over
+    the recipe's optimizer; returns the engine (None without deepspeed)."""
+    root = model.__dict__.get("_tuneforge_ds_root")
+    if root is None:
+        return None
+    try:
+        import deepspeed
+    except ImportError as exc:
+        raise ImportError("train.distributed.strategy deepspeed needs DeepSpeed: "
+                          "pip install 'tuneforge[deepspeed]'") from exc
+    config = deepspeed_config(train_cfg.distributed.deepspeed_config, train_cfg)
+    engine, *_ = deepspeed.initialize(model=root, optimizer=optimizer, config=config)
+    model.__dict__["_tuneforge_ds"] = engine
+    return engine
+
+
+def deepspeed_engine(model: torch.nn.Module):
+    return model.__dict__.get("_tuneforge_ds")
+
+
+def gathered(model: torch.nn.Module, params: list, modify: bool = False):
+    """A context in which `params` are whole: ZeRO-3 partitions them between
+    forward passes (modify=True: changes made on rank 0 are scattered back)."""
+    import contextlib
+
+    engine = deepspeed_engine(model)
+    if engine is None or engine.zero_optimization_stage() < 3:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=0 if modify else None)
+
+
+def optimizer_view(model: torch.nn.Module):
+    """A context in which the optimizer's param_groups hold the parameters its
+    state belongs to: ZeRO-3 fills them only while stepping."""
+    import contextlib
+
+    engine = deepspeed_engine(model)
+    if engine is None or engine.zero_optimization_stage() < 3:
+        return contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def filled():
+        engine.optimizer._set_fp32_optimizer_param_groups()
+        try:
+            yield
+        finally:
+            engine.optimizer._clear_fp32_optimizer_param_groups()
+
+    return filled()
+
+
+def weights_loaded(model: torch.nn.Module) -> None:
+    """After weights were copied into the model: DeepSpeed's fp32 master copies follow."""
+    engine = deepspeed_engine(model)
+    if engine is not None:
+        engine.optimizer.refresh_fp32_params()
+
+
+def gather_to_main(obj):
+    """Every rank's `obj` on rank 0 (a list by rank), None elsewhere."""
+    if not active():
+        return [obj]
+    import torch.distributed as dist
+
+    out = [None] * world()[1] if is_main() else None
+    dist.gather_object(obj, out, dst=0)
+    return out
+
+
+def scatter_from_main(objs):
+    """Rank r gets objs[r] (a list on rank 0, ignored elsewhere)."""
+    if not active():
+        return objs[0]
+    import torch.distributed as dist
+
+    out = [None]
+    dist.scatter_object_list(out, objs if is_main() else None, src=0)
+    return out[0]
+
+
 def full(tensor: torch.Tensor) -> torch.Tensor:
     """The whole tensor behind a shard (a collective: every rank calls it in the same order)."""
     from torch.distributed.tensor import DTensor
@@ -108,10 +228,11 @@ def consolidate(model: torch.nn.Module, rebuild):
     if not is_sharded(model):
         return model
     state = {}
-    for name, tensor in model.state_dict().items():
-        whole = full(tensor)  # every rank takes part in each gather
-        if is_main():
-            state[name] = whole.detach().cpu()
+    with gathered(model, list(model.parameters())):
+        for name, tensor in model.state_dict().items():
+            whole = full(tensor)  # every rank takes part in each gather
+            if is_main():
+                state[name] = whole.detach().cpu().clone()
     if not is_main():
         return None
     plain = rebuild()

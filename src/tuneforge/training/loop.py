@@ -76,6 +76,7 @@ def fit(model, objective: Objective, cfg: TrainConfig, lr: float, run: Run, devi
     total = total_steps(cfg, per_epoch)
     optimizer = build_optimizer(list(model.parameters()), cfg, lr)
     scheduler = build_scheduler(optimizer, cfg, total)
+    engine = distributed.deepspeed_init(model, optimizer, cfg)  # None unless strategy deepspeed
     state = LoopState()
 
     last = ckpt.latest_checkpoint(run.checkpoints) if resume else None
@@ -101,7 +102,8 @@ def fit(model, objective: Objective, cfg: TrainConfig, lr: float, run: Run, devi
                 # The normaliser covers the whole (global) step, so shards summed
                 # across ranks give exactly the one-process gradient.
                 norm = sum(objective.units(mb) for mb in micro_batches)
-                optimizer.zero_grad(set_to_none=True)
+                if engine is None:
+                    optimizer.zero_grad(set_to_none=True)  # the engine zeroes its own after each step
                 loss_total, step_tokens = 0.0, 0
                 for mb in micro_batches:
                     mine, weight = distributed.shard(mb), 1.0
@@ -114,15 +116,22 @@ def fit(model, objective: Objective, cfg: TrainConfig, lr: float, run: Run, devi
                     with autocast(device):
                         loss, tokens = objective.loss_sum(mine)
                         loss, tokens = loss * weight, int(tokens * weight)
-                    (loss / norm).backward()
+                    if engine is None:
+                        (loss / norm).backward()
+                    else:  # DeepSpeed averages over ranks; the global normaliser wants a sum
+                        engine.backward(loss / norm * distributed.world()[1], scale_wrt_gas=False)
                     loss_total += loss.item()
                     step_tokens += tokens
-                if not sharded:  # fsdp reduce-scatters (sums) gradients in backward
-                    distributed.sum_gradients(trainable)
                 loss_total, step_tokens = distributed.sum_values(loss_total, step_tokens, device=device)
                 window_tokens += int(step_tokens)
-                grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm or float("inf"))
-                optimizer.step()
+                if engine is not None:  # reduce, clip to train.max_grad_norm, step, zero
+                    engine.step()
+                    grad_norm = engine.get_global_grad_norm() or 0.0
+                else:
+                    if not sharded:  # fsdp reduce-scatters (sums) gradients in backward
+                        distributed.sum_gradients(trainable)
+                    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm or float("inf"))
+                    optimizer.step()
                 scheduler.step()
                 state.step += 1
                 state.step_in_epoch += 1
