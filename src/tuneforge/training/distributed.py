@@ -6,7 +6,7 @@ epoch) and takes its shard of each; gradients are summed across ranks after a
 step's micro-batches, so N processes take exactly the step one process would
 with the same global batch. Rank 0 alone writes the run folder.
 
-Two strategies (recipe `train.distributed.strategy`):
+Three strategies (recipe `train.distributed.strategy`):
 - ddp: every rank holds the whole model; one flat all-reduce of the trainable
   gradients per optimizer step (all DistributedDataParallel would do here, without
   its per-micro-batch syncs);
@@ -14,7 +14,10 @@ Two strategies (recipe `train.distributed.strategy`):
   module that runs the loss, so weights, gradients and optimizer state are
   sharded (ZeRO-3). Checkpoints gather full tensors (`full`) and are written by
   rank 0 in the same format as one process; loading shards them again (`like`),
-  so a run can resume with another strategy or process count.
+  so a run can resume with another strategy or process count;
+- deepspeed: DeepSpeed ZeRO from the user's JSON, over the recipe's optimizer
+  (see the DeepSpeed section below); checkpoints keep tuneforge's format, with
+  each rank's optimizer partition stored under its rank.
 """
 
 from __future__ import annotations
@@ -53,7 +56,8 @@ def init(device: torch.device) -> torch.device:
 def shard_model(model: torch.nn.Module, root: torch.nn.Module, cfg, device: torch.device) -> None:
     """FSDP2: shard each transformer layer (HF's `_no_split_modules` names them)
     and then `root`, the module whose forward runs the whole loss (it owns what is
-    left: embeddings, final norm, head, tied or not). A no-op for ddp or one process."""
+    left: embeddings, final norm, head, tied or not). deepspeed: remember `root` for
+    deepspeed_init. A no-op for ddp or one process."""
     if not active() or cfg.strategy == "ddp":
         return
     if cfg.strategy == "deepspeed":  # the engine wraps `root` once the loop has built the optimizer
