@@ -284,3 +284,26 @@ def test_packed_classification_equals_padded_and_falls_back_for_other_heads():
     decoder, dtok, _ = load_classifier("tiny-llama", ["neg", "pos"])
     assert not inference.supports_packed_classification(decoder)
     assert decoder.config._attn_implementation == "sdpa"
+
+
+def test_sliding_window_models_keep_transformers_attention_for_packing():
+    """Per-span SDPA would drop a sliding window: such models keep SDPA, and
+    transformers' block-diagonal, windowed mask packs them (same losses as padded)."""
+    import random
+
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from tuneforge import inference
+    from tuneforge.data.render import Rendered
+
+    torch.manual_seed(0)
+    model = MistralForCausalLM(MistralConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, sliding_window=4))
+    rng = random.Random(1)
+    examples = [Rendered(ids, ids, False) for ids in ([rng.randrange(1, 64) for _ in range(n)] for n in (9, 5, 12))]
+    assert inference.supports_packing(model) and model.config._attn_implementation == "sdpa"
+    packed, _ = inference.sequence_nll(model, examples, 0, torch.device("cpu"))
+    model._tuneforge_packing = False
+    padded, _ = inference.sequence_nll(model, examples, 0, torch.device("cpu"))
+    assert torch.allclose(packed, padded, atol=1e-4)

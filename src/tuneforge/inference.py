@@ -196,7 +196,11 @@ def _use_varlen(model) -> bool:
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if inner.config._attn_implementation == "sdpa":
+    # Sliding windows, logit soft-capping and position biases change attention in
+    # ways per-span SDPA would drop: such models keep transformers' own path.
+    plain = not any(getattr(inner.config, key, None) for key in
+                    ("sliding_window", "attn_logit_softcapping", "alibi"))
+    if inner.config._attn_implementation == "sdpa" and plain:
         AttentionInterface.register(VARLEN, _varlen_attention)
         AttentionMaskInterface.register(VARLEN, sdpa_mask)  # masks as for sdpa where one is needed
         inner.set_attn_implementation(VARLEN)
