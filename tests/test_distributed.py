@@ -200,3 +200,9 @@ def test_deepspeed_config_passes_zero_settings_and_refuses_what_the_recipe_decid
                                "fp16": {"enabled": True}}))
     with pytest.raises(ValueError, match=r"optimizer \(set by train.optimizer.*fp16"):
         deepspeed_config(str(bad), cfg)
+    bad.write_text(json.dumps({"bf16": True, "zero_optimization": {"stage": 2}}))
+    with pytest.raises(ValueError, match="bf16"):
+        deepspeed_config(str(bad), cfg)
+    bad.write_text(json.dumps({"zero_optimization": {"stage": 0}}))
+    with pytest.raises(ValueError, match="stage is 0; use 1, 2 or 3"):
+        deepspeed_config(str(bad), cfg)

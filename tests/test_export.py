@@ -60,6 +60,9 @@ def test_export_loads_with_plain_transformers_and_matches_the_run(lora_runs, tmp
         torch.testing.assert_close(exported(**x).logits, original(**x).logits)
     (dest / "README.md").write_text("edited")
     assert "README.md changed" in verify_export(dest)
+    (dest / ".cache" / "huggingface").mkdir(parents=True)  # as `hf download --local-dir` leaves
+    (dest / ".cache" / "huggingface" / ".gitignore").write_text("*\n")
+    assert "README.md changed" in verify_export(dest)  # hidden paths are not the model's
     (dest / "fairness_postprocess.json").write_text("{}")
     assert verify_export(dest) == "fairness_postprocess.json was added after export (not in manifest.json)"
 

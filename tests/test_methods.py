@@ -285,6 +285,23 @@ def test_packed_classification_equals_padded_and_falls_back_for_other_heads():
     assert not inference.supports_packed_classification(decoder)
     assert decoder.config._attn_implementation == "sdpa"
 
+    # ALBERT's pooler is a bare Linear (its tanh lives elsewhere): not BERT-style
+    from transformers import AlbertConfig, AlbertForSequenceClassification
+
+    albert = AlbertForSequenceClassification(AlbertConfig(
+        vocab_size=200, embedding_size=16, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=64, num_labels=3))
+    assert not inference.supports_packed_classification(albert)
+
+
+def test_varlen_builds_no_mask_for_packed_rows_and_sdpa_masks_otherwise():
+    from tuneforge.inference import _varlen_mask
+
+    assert _varlen_mask(batch_size=1, q_length=4096, kv_length=4096, attention_mask=None) is None
+    padded = torch.tensor([[1, 1, 1, 0]], dtype=torch.bool)
+    mask = _varlen_mask(batch_size=1, q_length=4, kv_length=4, attention_mask=padded, allow_is_causal_skip=False)
+    assert mask.shape == (1, 1, 4, 4) and not mask[0, 0, :, 3].any() and mask[0, 0, 3, 0]
+
 
 def test_sliding_window_models_keep_transformers_attention_for_packing():
     """Per-span SDPA would drop a sliding window: such models keep SDPA, and

@@ -17,7 +17,7 @@ from typing import Optional
 import yaml
 
 from tuneforge import __version__
-from tuneforge.fsio import MARKER, atomic_dir, sha256_file
+from tuneforge.fsio import atomic_dir, sha256_file
 
 ATOL = 1e-4
 SFT_PROMPTS = ["Convert to YYYY-MM-DD: 5 May 2001", "Write one sentence about the sea.", "What is 12 times 7?"]
@@ -168,8 +168,11 @@ def verify_export(folder: Path) -> Optional[str]:
     added (an added one, e.g. fairness_postprocess.json, changes what gets served);
     else what differs."""
     manifest = json.loads((Path(folder) / "manifest.json").read_text())
-    names = (p.relative_to(folder).as_posix() for p in Path(folder).rglob("*") if p.is_file())
-    extra = sorted(n for n in names if n not in manifest["files"] and n not in ("manifest.json", MARKER))
+    # Hidden paths (.git, .cache/huggingface from a download, the completion marker)
+    # are not the model's: export never copies them and loading never reads them.
+    names = (p.relative_to(folder) for p in Path(folder).rglob("*") if p.is_file())
+    extra = sorted(n.as_posix() for n in names if not any(part.startswith(".") for part in n.parts)
+                   and n.as_posix() not in manifest["files"] and n.as_posix() != "manifest.json")
     if extra:
         return f"{extra[0]} was added after export (not in manifest.json)" + (
             f", and {len(extra) - 1} more" if len(extra) > 1 else "")

@@ -40,11 +40,11 @@ def class_logits(model, batch: list[list[int]], pad_id: int, device: torch.devic
 
 def _bert_style_head(model):
     """(encoder body, head) of a classifier that reads its first token through a
-    pooler (BERT and kin: pooler -> dropout -> classifier), else None."""
+    BERT pooler (dense + activation on [:, 0]; then dropout -> classifier), else None."""
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     body = getattr(inner, getattr(inner, "base_model_prefix", ""), None)
     pooler, classifier = getattr(body, "pooler", None), getattr(inner, "classifier", None)
-    if pooler is None or classifier is None:
+    if pooler is None or classifier is None or not hasattr(pooler, "dense") or not hasattr(pooler, "activation"):
         return None
     dropout = getattr(inner, "dropout", torch.nn.Identity())
     return body, lambda first: classifier(dropout(pooler(first[:, None])))
@@ -84,7 +84,8 @@ def supports_packed_classification(model) -> bool:
                 packed = packed_class_logits(model, sample, device)
                 padded = model(**collate(sample, 0, device)).logits
             model.train(was_training)
-            ok = bool(torch.allclose(packed.float(), padded.float(), atol=1e-3, rtol=1e-3))
+            ok = packed.shape == padded.shape and bool(
+                torch.allclose(packed.float(), padded.float(), atol=1e-3, rtol=1e-3))
         except (TypeError, ValueError, RuntimeError, IndexError):
             ok = False
         if not ok:  # back to plain SDPA
@@ -188,12 +189,23 @@ def _varlen_attention(module, query, key, value, attention_mask, dropout=0.0, sc
     return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
 
 
+def _varlen_mask(*args, **kwargs):
+    """VARLEN's masks: none for a call without padding mask or cache (tuneforge's
+    packed rows attend per example span; an ordinary row is plain causal SDPA), so
+    no [L, L] mask is built for a long packed row; sdpa's masks otherwise."""
+    from transformers.masking_utils import sdpa_mask
+
+    plain = (not args and kwargs.get("attention_mask") is None and kwargs.get("q_length") == kwargs.get("kv_length")
+             and all(isinstance(kwargs.get(k, 0), int) and kwargs.get(k, 0) == 0 for k in ("q_offset", "kv_offset")))
+    return None if plain else sdpa_mask(*args, **kwargs)
+
+
 def _use_varlen(model) -> bool:
     """Switch an SDPA model to VARLEN (the same maths; other implementations keep
     theirs: FlashAttention packs by position ids natively, eager gets transformers'
     block-diagonal mask). Returns whether VARLEN is in use."""
     from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    from transformers.masking_utils import AttentionMaskInterface
 
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     # Sliding windows, logit soft-capping and position biases change attention in
@@ -202,7 +214,7 @@ def _use_varlen(model) -> bool:
                     ("sliding_window", "attn_logit_softcapping", "alibi"))
     if inner.config._attn_implementation == "sdpa" and plain:
         AttentionInterface.register(VARLEN, _varlen_attention)
-        AttentionMaskInterface.register(VARLEN, sdpa_mask)  # masks as for sdpa where one is needed
+        AttentionMaskInterface.register(VARLEN, _varlen_mask)
         inner.set_attn_implementation(VARLEN)
     return inner.config._attn_implementation == VARLEN
 

@@ -26,10 +26,16 @@ STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Whole tensors even when sharded (then a collective: every rank calls it)."""
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    with distributed.gathered(model, [p for _, p in named]):
-        return {n: distributed.full(p.detach()).cpu().clone().contiguous() for n, p in named}
+    """Whole tensors even when sharded (then a collective: every rank calls it,
+    one parameter at a time, and only rank 0, which writes, keeps a copy)."""
+    state = {}
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            with distributed.gathered(model, [param]):
+                whole = distributed.full(param.detach())
+                if distributed.is_main():
+                    state[name] = whole.cpu().clone().contiguous()
+    return state
 
 
 def load_trainable_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
@@ -43,13 +49,17 @@ def load_trainable_state(model: torch.nn.Module, state: dict[str, torch.Tensor])
     distributed.weights_loaded(model)
 
 
-def _split_optimizer(opt_state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+def _split_optimizer(opt_state: dict, keep: bool = True) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, JSON-able rest); sharded moments are gathered (a collective), and
+    copied only where `keep`."""
     tensors, meta = {}, {"param_groups": opt_state["param_groups"], "state": {}}
     for idx, entry in opt_state["state"].items():
         meta_entry = {}
         for key, value in entry.items():
             if torch.is_tensor(value):
-                tensors[f"state.{idx}.{key}"] = distributed.full(value.detach()).cpu().clone().contiguous()
+                whole = distributed.full(value.detach())
+                if keep:
+                    tensors[f"state.{idx}.{key}"] = whole.cpu().clone().contiguous()
                 meta_entry[key] = {"tensor": True}
             else:
                 meta_entry[key] = {"value": value}
@@ -110,9 +120,11 @@ def _from_json(obj: Any) -> Any:
 
 
 def _optimizer_state(model, optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    zero = distributed.deepspeed_engine(model) is not None
     with distributed.optimizer_view(model):
-        tensors, meta = _split_optimizer(optimizer.state_dict())
-    if distributed.deepspeed_engine(model) is None:
+        # ZeRO: every rank's own partition goes to rank 0; otherwise rank 0's copy is all
+        tensors, meta = _split_optimizer(optimizer.state_dict(), keep=zero or distributed.is_main())
+    if not zero:
         return tensors, meta
     # DeepSpeed ZeRO: each rank's optimizer holds its own partition; rank 0 writes
     # them all, keyed by rank (so resuming needs the same number of processes).

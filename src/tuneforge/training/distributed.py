@@ -113,11 +113,21 @@ def deepspeed_config(path: str, train_cfg) -> dict:
         config = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise ValueError(f"train.distributed.deepspeed_config {path}: {exc}") from exc
+    def enabled(value) -> bool:  # {"bf16": {"enabled": false}} is allowed, {"bf16": true} is not
+        return bool(value.get("enabled")) if isinstance(value, dict) else bool(value)
+
     clashes = [f"{key} (set by {_REFUSED[key]})" for key in config if key in _REFUSED
-               and not (key in ("fp16", "bf16") and not (config[key] or {}).get("enabled"))]
+               and not (key in ("fp16", "bf16") and not enabled(config[key]))]
     if clashes:
         raise ValueError(f"{path}: remove {', '.join(clashes)}: the recipe decides these, so that one recipe "
                          "trains the same way with any strategy")
+    stage = (config.get("zero_optimization") or {}).get("stage", 0)
+    if stage not in (1, 2, 3):
+        raise ValueError(f"{path}: zero_optimization.stage is {stage}; use 1, 2 or 3 (without ZeRO, "
+                         "strategy ddp does the same work)")
+    # Offloading the optimizer with the recipe's torch optimizer (DeepSpeed would
+    # otherwise insist on its own CPU Adam).
+    config.setdefault("zero_force_ds_cpu_optimizer", False)
     # The engine only books the micro-batch size (tuneforge feeds it), and every
     # engine.step() is an optimizer step (unmanaged accumulation).
     config.update(train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=1,
@@ -232,11 +242,12 @@ def consolidate(model: torch.nn.Module, rebuild):
     if not is_sharded(model):
         return model
     state = {}
-    with gathered(model, list(model.parameters())):
-        for name, tensor in model.state_dict().items():
-            whole = full(tensor)  # every rank takes part in each gather
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        # every rank takes part in each gather, one tensor at a time; rank 0 keeps them
+        with gathered(model, [tensor] if isinstance(tensor, torch.nn.Parameter) else []):
+            whole = full(tensor.detach())
             if is_main():
-                state[name] = whole.detach().cpu().clone()
+                state[name] = whole.cpu().clone()
     if not is_main():
         return None
     plain = rebuild()
