@@ -99,9 +99,7 @@ def train(
         api.train(parsed, output=output, resume=resume, device=device.value if device else None, quiet=quiet)
     except DataError as exc:
         _fail(f"data error: {exc}", EXIT_DATA)
-    except GpuUnavailable as exc:
-        _fail(f"error: {exc}", 1)
-    except (FileExistsError, FileNotFoundError) as exc:
+    except (GpuUnavailable, FileExistsError, FileNotFoundError) as exc:
         _fail(f"error: {exc}", 1)
 
 

@@ -99,9 +99,8 @@ def serve(
 
     settings = Settings(max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue,
                         request_timeout=request_timeout, max_body=int(max_body_mb * 1024 * 1024),
-                        default_max_tokens=default_max_tokens, device=device.value, dtype=dtype.value, threads=threads,
-                        request_log=request_log,
-                        log_inputs=log_inputs.value)
+                        default_max_tokens=default_max_tokens, device=device.value, dtype=dtype.value,
+                        threads=threads, request_log=request_log, log_inputs=log_inputs.value)
 
     def ready(app) -> None:
         served = app.state.served

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from tuneforge.data.render import IGNORE, Rendered
+from tuneforge.models import unwrap
 from tuneforge.training.batching import attention_mask, eval_batches, pad
 
 
@@ -41,7 +42,7 @@ def class_logits(model, batch: list[list[int]], pad_id: int, device: torch.devic
 def _bert_style_head(model):
     """(encoder body, head) of a classifier that reads its first token through a
     BERT pooler (dense + activation on [:, 0]; then dropout -> classifier), else None."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner = unwrap(model)
     body = getattr(inner, getattr(inner, "base_model_prefix", ""), None)
     pooler, classifier = getattr(body, "pooler", None), getattr(inner, "classifier", None)
     if pooler is None or classifier is None or not hasattr(pooler, "dense") or not hasattr(pooler, "activation"):
@@ -89,14 +90,14 @@ def supports_packed_classification(model) -> bool:
         except (TypeError, ValueError, RuntimeError, IndexError):
             ok = False
         if not ok:  # back to plain SDPA
-            (model.get_base_model() if hasattr(model, "get_base_model") else model).set_attn_implementation("sdpa")
+            unwrap(model).set_attn_implementation("sdpa")
     model.__dict__["_tuneforge_packed_cls"] = ok
     return ok
 
 
 def split_lm(model) -> tuple[torch.nn.Module, torch.nn.Module]:
     """(decoder body, output head) of a causal LM, looking through a peft wrapper."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner = unwrap(model)
     return getattr(inner, inner.base_model_prefix), inner.get_output_embeddings()
 
 
@@ -207,7 +208,7 @@ def _use_varlen(model) -> bool:
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner = unwrap(model)
     # Sliding windows, logit soft-capping and position biases change attention in
     # ways per-span SDPA would drop: such models keep transformers' own path.
     plain = not any(getattr(inner.config, key, None) for key in
@@ -222,8 +223,7 @@ def _use_varlen(model) -> bool:
 def _packing_kwargs(model, segments) -> dict:
     if segments is None:
         return {}
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return {"tuneforge_segments": segments} if inner.config._attn_implementation == VARLEN else {}
+    return {"tuneforge_segments": segments} if unwrap(model).config._attn_implementation == VARLEN else {}
 
 
 def supports_packing(model) -> bool:
@@ -250,7 +250,7 @@ def supports_packing(model) -> bool:
     except (TypeError, ValueError, RuntimeError):  # no position_ids support: fall back to padding
         ok = False
     if varlen and not ok:
-        (model.get_base_model() if hasattr(model, "get_base_model") else model).set_attn_implementation("sdpa")
+        unwrap(model).set_attn_implementation("sdpa")
     model._tuneforge_packing = ok
     return ok
 

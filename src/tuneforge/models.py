@@ -56,6 +56,11 @@ def load_tokenizer(path: str):
     return tokenizer
 
 
+def unwrap(model):
+    """The transformers model itself, looking through a peft wrapper."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def load_classifier(ref: str, labels: list[str], dropout: Optional[float] = None, quantize_4bit: bool = False,
                     attn_implementation: str = "auto"):
     from transformers import AutoConfig, AutoModelForSequenceClassification

@@ -28,7 +28,7 @@ def classify(served, texts: list[str], device) -> tuple[list[list[float]], int]:
     """Class probabilities per text and the number of tokens read."""
     tokenizer = served.tokenizer
     ids = encode(tokenizer, texts, served.context)
-    chunk = len(ids) if supports_packed_classification(served.model) else CLASSIFY_CHUNK
+    chunk = max(len(ids), 1) if supports_packed_classification(served.model) else CLASSIFY_CHUNK
     probs = predict_proba(served.model, ids, tokenizer.pad_token_id, chunk, device)
     return probs.tolist(), sum(len(x) for x in ids)
 

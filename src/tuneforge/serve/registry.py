@@ -143,16 +143,16 @@ def load_base(served: Served, device) -> None:
     from tuneforge.models import DEFAULT_CHAT_TEMPLATE, load_tokenizer, quiet_transformers
 
     quiet_transformers()
+    dtype = getattr(torch, served.dtype)
     if served.task == "classification":
         kwargs = {}
         if served.labels:
             kwargs = {"num_labels": len(served.labels), "id2label": dict(enumerate(served.labels)),
                       "label2id": {lab: i for i, lab in enumerate(served.labels)}}
-        model = AutoModelForSequenceClassification.from_pretrained(served.base_path, dtype=getattr(torch, served.dtype),
-                                                                   **kwargs)
+        model = AutoModelForSequenceClassification.from_pretrained(served.base_path, dtype=dtype, **kwargs)
         served.labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
     else:
-        model = AutoModelForCausalLM.from_pretrained(served.base_path, dtype=getattr(torch, served.dtype))
+        model = AutoModelForCausalLM.from_pretrained(served.base_path, dtype=dtype)
     tokenizer_from = served.own_adapter.path if served.own_adapter else served.base_path
     tokenizer = load_tokenizer(str(tokenizer_from))
     if model.config.pad_token_id is None:

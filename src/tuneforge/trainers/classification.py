@@ -79,8 +79,8 @@ def train(recipe: Recipe, output: Optional[str] = None, resume: bool = False, de
 
     # ---- train
     fit(model, objective, recipe.train, recipe.learning_rate, run, dev, resume=resume, quiet=quiet)
-    model = distributed.consolidate(
-        model, lambda: shared.apply_method(load_classifier(recipe.model, labels, **load_options(recipe))[0], recipe, quiet=True).to(dev))
+    model = distributed.consolidate(model, lambda: shared.apply_method(
+        load_classifier(recipe.model, labels, **load_options(recipe))[0], recipe, quiet=True).to(dev))
 
     if not distributed.is_main():
         return {}  # rank 0 saves, evaluates and reports

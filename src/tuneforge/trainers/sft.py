@@ -132,7 +132,7 @@ def train(recipe: Recipe, output: Optional[str] = None, resume: bool = False, de
     model = shared.apply_method(model, recipe).to(dev)
     supports_packing(model)  # decided (and cached) before sharding: the check calls the body directly
     if shared.shard(model, nll_module(model), recipe, dev):
-        val_gen = []  # generation needs the whole model; under fsdp validation scores loss only
+        val_gen = []  # generation needs the whole model: sharded, validation scores loss only
     pad_id = tokenizer.pad_token_id
 
     def evaluate() -> dict:
@@ -150,8 +150,8 @@ def train(recipe: Recipe, output: Optional[str] = None, resume: bool = False, de
 
     # ---- train
     fit(model, objective, recipe.train, recipe.learning_rate, run, dev, resume=resume, quiet=quiet)
-    model = distributed.consolidate(
-        model, lambda: shared.apply_method(load_causal_lm(recipe.model, **load_options(recipe))[0], recipe, quiet=True).to(dev))
+    model = distributed.consolidate(model, lambda: shared.apply_method(
+        load_causal_lm(recipe.model, **load_options(recipe))[0], recipe, quiet=True).to(dev))
 
     if not distributed.is_main():
         return {}  # rank 0 saves, evaluates and reports

@@ -14,7 +14,7 @@ from tuneforge.console import comparison_table, console
 from tuneforge.data.prepare import InvalidRows, Splits, write_rejects
 from tuneforge.fsio import atomic_dir
 from tuneforge.methods import METHODS
-from tuneforge.models import count_parameters, pick_device
+from tuneforge.models import count_parameters, pick_device, unwrap
 from tuneforge.recipe import Recipe
 from tuneforge.run import Run, find_resumable, new_run_dir
 from tuneforge.training import distributed
@@ -137,7 +137,7 @@ def apply_method(model, recipe: Recipe, quiet: bool = False):
             console.print(f"liger kernels (rms_norm, swiglu, rope) applied to the {patched} model")
     model = METHODS[recipe.method.name].prepare(model, recipe.method, recipe.task)
     if recipe.train.gradient_checkpointing:
-        inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+        inner = unwrap(model)
         # Non-reentrant checkpointing needs no grad-requiring input, so frozen
         # embeddings (LoRA, freeze) work as they are.
         inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -152,8 +152,8 @@ def apply_method(model, recipe: Recipe, quiet: bool = False):
 
 
 def shard(model, root, recipe: Recipe, device: torch.device) -> bool:
-    """Shard `model` for fsdp when the recipe asks for it and several processes
-    run (`root` is the module whose forward computes the loss); True if sharded."""
+    """Shard `model` (fsdp, deepspeed) when the recipe asks for it and several
+    processes run (`root` is the module whose forward computes the loss); True if sharded."""
     cfg = recipe.train.distributed
     if cfg.strategy != "ddp" and distributed.active():
         if recipe.task == "sft" and recipe.metric_for_best not in ("loss", "perplexity"):

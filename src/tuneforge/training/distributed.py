@@ -66,7 +66,9 @@ def shard_model(model: torch.nn.Module, root: torch.nn.Module, cfg, device: torc
         return
     from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, fully_shard
 
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    from tuneforge.models import unwrap
+
+    inner = unwrap(model)
     layer_types = set(getattr(inner, "_no_split_modules", None) or [])
     layers = [m for m in inner.modules() if type(m).__name__ in layer_types]
     if not layers:
@@ -113,6 +115,7 @@ def deepspeed_config(path: str, train_cfg) -> dict:
         config = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise ValueError(f"train.distributed.deepspeed_config {path}: {exc}") from exc
+
     def enabled(value) -> bool:  # {"bf16": {"enabled": false}} is allowed, {"bf16": true} is not
         return bool(value.get("enabled")) if isinstance(value, dict) else bool(value)
 
@@ -208,17 +211,6 @@ def gather_to_main(obj):
     return out
 
 
-def scatter_from_main(objs):
-    """Rank r gets objs[r] (a list on rank 0, ignored elsewhere)."""
-    if not active():
-        return objs[0]
-    import torch.distributed as dist
-
-    out = [None]
-    dist.scatter_object_list(out, objs if is_main() else None, src=0)
-    return out[0]
-
-
 def full(tensor: torch.Tensor) -> torch.Tensor:
     """The whole tensor behind a shard (a collective: every rank calls it in the same order)."""
     from torch.distributed.tensor import DTensor
@@ -236,9 +228,9 @@ def like(value: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
 
 
 def consolidate(model: torch.nn.Module, rebuild):
-    """After fsdp training: the model unsharded on rank 0 (`rebuild()` makes an
-    empty one of the same shape; the gathered weights go into it), None on the
-    other ranks. Unsharded models pass through."""
+    """After fsdp or DeepSpeed training: the model unsharded on rank 0 (`rebuild()`
+    makes a fresh one of the same shape; the gathered weights go into it), None on
+    the other ranks. Unsharded models pass through."""
     if not is_sharded(model):
         return model
     state = {}

@@ -106,16 +106,15 @@ def fit(model, objective: Objective, cfg: TrainConfig, lr: float, run: Run, devi
                     optimizer.zero_grad(set_to_none=True)  # the engine zeroes its own after each step
                 loss_total, step_tokens = 0.0, 0
                 for mb in micro_batches:
-                    mine, weight = distributed.shard(mb), 1.0
-                    if not mine:
-                        if not sharded:
-                            continue
-                        # fsdp gathers weights inside forward and backward, so a rank
-                        # with no examples still runs one, contributing nothing.
-                        mine, weight = mb[:1], 0.0
+                    mine = distributed.shard(mb)
+                    if not mine and not sharded:
+                        continue
                     with autocast(device):
-                        loss, tokens = objective.loss_sum(mine)
-                        loss, tokens = loss * weight, int(tokens * weight)
+                        # fsdp and ZeRO gather weights inside forward and backward, so a
+                        # rank with no examples still runs one, contributing nothing.
+                        loss, tokens = objective.loss_sum(mine or mb[:1])
+                    if not mine:
+                        loss, tokens = loss * 0.0, 0
                     if engine is None:
                         (loss / norm).backward()
                     else:  # DeepSpeed averages over ranks; the global normaliser wants a sum
