@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP   = $(VENV)/.installed
 DEMO_DATA = demo/iso-dates.jsonl
 
-.PHONY: demo test install bench clean chromium
+.PHONY: demo test test-fast lint install bench clean chromium
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -36,11 +36,28 @@ chromium:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
 	  else echo "note: chromium missing and not root: the report browser test will skip"; fi; }
 
-test: $(STAMP) chromium
+# Lint: ruff (line length 120, imports sorted) and the design check (no import
+# cycles, no underscored names imported across modules) over src/tuneforge.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests tools bench
+	$(PY) tools/check_design.py src/tuneforge
+
+test: $(STAMP) chromium lint
 	$(PY) -m pytest -q -ra
 
-# tuneforge vs the plain Hugging Face baseline (minutes); writes bench/results/<date>-<host>.json
-bench: $(STAMP)
+# The unit tier only (tiny models, a few minutes).
+test-fast: $(STAMP) lint
+	$(PY) -m pytest -q -ra tests/unit
+
+# The bench's extra peers (TRL) on top of the installed environment.
+BENCH_STAMP = $(VENV)/.bench-installed
+$(BENCH_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e '.[bench]'
+	touch $(BENCH_STAMP)
+
+# tuneforge vs Hugging Face baselines, default and strongest setup (~10 min);
+# writes a new bench/results/<UTC time>-<host>.json per run
+bench: $(BENCH_STAMP)
 	$(PY) bench/bench.py
 
 clean:

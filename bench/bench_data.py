@@ -1,6 +1,6 @@
 """Data studio speed: `tuneforge data prepare` on the full SST-2 train set.
 
-    python bench/bench_data.py            # writes bench/results/<date>-<host>-data.json
+    python bench/bench_data.py            # writes a new bench/results/<UTC time>-<host>-data.json
 
 Runs `recipes/sst2-minilm.yaml` (67,349 training rows, the 872-row dev set as
 test) with near-duplicate and contamination removal on (MinHash LSH, threshold
@@ -23,6 +23,9 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchio import conditions, write_result  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "sst2-minilm.yaml"
@@ -48,6 +51,7 @@ def main() -> None:
     args = parser.parse_args()
     if not RECIPE.is_file():
         sys.exit(f"{RECIPE} missing")
+    started = conditions()
     results: dict = {"cold": [], "warm": []}
     report = None
     for _ in range(args.repeats):
@@ -75,11 +79,8 @@ def main() -> None:
         print(f"{phase:<6} {value:>8.2f} {TARGETS[phase]:>9.1f}  {'yes' if value <= TARGETS[phase] else 'NO'}")
     print("steps: " + "; ".join(f"{name} {s['in']}->{s['out']}" + (f" {s['removed']}" if s.get("removed") else "")
                                 for name, s in steps.items()))
-    folder = ROOT / "bench" / "results"
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{dt.date.today().isoformat()}-{socket.gethostname()}-data.json"
-    path.write_text(json.dumps(summary, indent=2) + "\n")
-    print(f"wrote {path}")
+    summary["conditions"] = {"start": started, "end": conditions()}
+    print(f"wrote {write_result(summary, '-data')}")
 
 
 if __name__ == "__main__":

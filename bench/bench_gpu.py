@@ -1,6 +1,6 @@
 """tuneforge vs the plain Hugging Face baseline on one CUDA GPU, back to back.
 
-    python bench/bench_gpu.py                  # writes bench/results/<date>-<host>-gpu.json
+    python bench/bench_gpu.py                  # writes a new bench/results/<UTC time>-<host>-gpu.json
     python bench/bench_gpu.py --steps 20       # quicker
     python bench/bench_gpu.py --dry-run        # a tiny model end to end on CPU (tests the script)
 
@@ -29,10 +29,10 @@ Figures, after --warmup steps: useful tokens/s (non-padding tokens), MFU = usefu
 FLOP/s over the GPU's peak dense bf16 FLOP/s, both as measured by a large bf16
 matmul in this run and as the spec sheet says (989e12 for H100 SXM / H200, 756e12
 for H100 PCIe), peak GPU memory (torch.cuda.max_memory_allocated), and the speedup.
-Useful FLOPs per token: 4N for LoRA (forward 2N, input gradients 2N; frozen
-weights need no weight gradients), N counting every matmul weight (the input
-embedding is a lookup and is left out, the head is in), plus 12 * layers *
-d_model * s for attention with s the token-weighted mean example length.
+Useful FLOPs per token as in bench/flops.py: 4x the frozen decoder weights and 6x
+the LoRA weights for every token, 4 * vocab * d_model for the head at supervised
+positions only, causal attention per example; `flops_per_token_legacy` keeps the
+earlier 4N-for-every-token estimate.
 """
 
 from __future__ import annotations
@@ -48,6 +48,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchio import conditions, write_to  # noqa: E402
+from flops import decoder_dims, sft_flops  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SEED = 42
@@ -299,11 +303,18 @@ def run_worker(name: str, args, variant: str = "plain") -> dict:
     return result
 
 
-def attention_flops_per_token(examples: list, config: dict) -> float:
-    """12 * layers * d_model * s, with s averaged over tokens (each token attends over its own example)."""
+def flop_accounting(examples: list, config: dict, built: dict) -> tuple[float, float]:
+    """Useful FLOPs per token (bench/flops.py: head at supervised positions, causal
+    attention per example) and the earlier estimate (4 * matmul weights for every
+    token, the head included, plus 12 * layers * d_model * token-weighted length)."""
+    from types import SimpleNamespace
+
     lengths = [len(e.input_ids) for e in examples]
-    mean_s = sum(s * s for s in lengths) / sum(lengths)
-    return 12 * config["num_hidden_layers"] * config["hidden_size"] * mean_s
+    targets = [sum(1 for x in e.labels[1:] if x != -100) for e in examples]
+    dims = decoder_dims(SimpleNamespace(**config), LORA["r"], built["parameters"])
+    legacy = (4 * built["matmul_parameters"]
+              + 12 * config["num_hidden_layers"] * config["hidden_size"] * sum(n * n for n in lengths) / sum(lengths))
+    return sft_flops(dims, lengths, targets)["per_token"], legacy
 
 
 def summarise(side: dict, flops_per_token: float, measured: float, spec) -> dict:
@@ -333,7 +344,7 @@ def measure(args) -> dict:
         matmul = run_worker("matmul", args)
     examples = synthetic_examples(args)
     config = MODELS[args.model]
-    flops_per_token = 4 * built["matmul_parameters"] + attention_flops_per_token(examples, config)
+    flops_per_token, legacy_flops_per_token = flop_accounting(examples, config, built)
     spec = spec_peak(matmul["device_name"]) if args.device == "cuda" else None
     variants = {}
     for name, sides in raw.items():
@@ -355,7 +366,8 @@ def measure(args) -> dict:
                      "steps": args.steps, "warmup_steps": args.warmup, "lengths": args.lengths, "lora": LORA,
                      "learning_rate": LEARNING_RATE, "attn_implementation": args.attn,
                      "useful_tokens_total": sum(len(e.input_ids) for e in examples)},
-        "flops_per_token": flops_per_token,
+        "flops_per_token": flops_per_token, "flops_per_token_legacy": legacy_flops_per_token,
+        "conditions": conditions(),
         "peak_flops": {"measured_matmul": matmul["flops_per_s"], "measured_dtype": matmul["dtype"], "spec": spec},
         "variants": variants,
         "target": {**TARGET, "met": bool(
@@ -407,7 +419,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5, help="first steps left out of the timing")
     parser.add_argument("--lengths", choices=["mixed", "full"], default="mixed")
     parser.add_argument("--attn", choices=["auto", "sdpa", "flash_attention_2", "eager"], default="auto")
-    parser.add_argument("--out", help="results file (default bench/results/<date>-<host>-gpu.json)")
+    parser.add_argument("--out", help="results file (default: a new bench/results/<UTC time>-<host>-gpu.json)")
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(WORKERS[args.worker](args)))
@@ -425,12 +437,10 @@ def main() -> None:
     if args.steps <= args.warmup:
         raise SystemExit("--steps must be larger than --warmup")
     result = measure(args)
-    default = ROOT / "bench" / "results" / f"{dt.date.today().isoformat()}-{socket.gethostname()}-gpu.json"
-    if args.dry_run:  # a script check, not a measurement: kept out of bench/results
-        default = Path(tempfile.gettempdir()) / "bench_gpu_dry_run.json"
-    out = Path(args.out) if args.out else default
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    out = args.out
+    if args.dry_run and out is None:  # a script check, not a measurement: kept out of bench/results
+        out = str(Path(tempfile.gettempdir()) / "bench_gpu_dry_run.json")
+    out = write_to(out, result, "-gpu")
     print(table(result))
     print(f"wrote {out}")
 

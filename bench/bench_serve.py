@@ -8,7 +8,7 @@ is untrained, which does not change the compute) twice: with --max-batch 32 and
 with --max-batch 1. N clients each send one SST-2 dev sentence to /v1/classify,
 wait for the answer, and send the next, for a fixed time. Reports requests/s,
 p50/p99 latency and errors by status, and writes
-bench/results/<date>-<host>-serve.json. Targets (issue 6): batching >= 3x the
+a new bench/results/<UTC time>-<host>-serve.json. Targets (issue 6): batching >= 3x the
 requests/s of one-at-a-time on 2 CPU cores; zero 5xx with 64 clients.
 """
 
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime as dt
 import json
 import os
 import platform
@@ -27,6 +26,9 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchio import conditions, write_to  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SST2_DEV = ROOT.parent / "shared" / "data" / "sst2" / "dev.tsv"
@@ -182,9 +184,11 @@ def main() -> None:
     parser.add_argument("--max-wait-ms", type=float, default=10.0, help="Batch fill wait of the batched mode.")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="Server weights' dtype.")
     parser.add_argument("--threads", type=int, default=None, help="Server torch threads (default: one per core).")
-    parser.add_argument("--out", default=None, help="JSON path (default bench/results/<date>-<host>-serve.json).")
+    parser.add_argument("--out", default=None,
+                        help="JSON path (default: a new bench/results/<UTC time>-<host>-serve.json).")
     args = parser.parse_args()
     texts = sentences()
+    started = conditions()
     modes = {"batched": run_mode(args.model, args.max_batch, args, texts),
              "one_at_a_time": run_mode(args.model, 1, args, texts)}
     ratio = modes["batched"]["requests_per_s"] / max(modes["one_at_a_time"]["requests_per_s"], 1e-9)
@@ -195,16 +199,14 @@ def main() -> None:
               f"{r['mean_batch_size']:>6.1f} {r['errors_5xx']:>5} {r['transport_errors']:>12}  {r['status_counts']}")
     print(f"batching speed-up: {ratio:.2f}x (target >= 3x); zero 5xx: "
           f"{all(r['errors_5xx'] == 0 for r in modes.values())}")
-    host = socket.gethostname()
-    out = Path(args.out) if args.out else ROOT / "bench" / "results" / f"{dt.date.today()}-{host}-serve.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({
+    out = write_to(args.out, {
         "benchmark": "serve", "model": args.model, "clients": args.clients, "seconds_per_mode": args.seconds,
         "max_wait_ms": args.max_wait_ms, "dtype": args.dtype, "threads": args.threads, "cpu_count": os.cpu_count(),
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
         "platform": platform.platform(), "python": platform.python_version(), "modes": modes,
-        "speedup": round(ratio, 2), "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-    }, indent=2) + "\n")
+        "speedup": round(ratio, 2), "date": started["time"],
+        "conditions": {"start": started, "end": conditions()},
+    }, "-serve")
     print(f"wrote {out}")
 
 

@@ -1,6 +1,7 @@
-"""Shared fixtures. Tiers: unit tests on tiny random models (default), integration
-tests on the bundled real models (marker `integration`), GPU tests (marker `gpu`,
-skipped without CUDA)."""
+"""Shared fixtures. Tiers, one folder each: tests/unit (tiny random models,
+seconds each; `make test-fast`), tests/integration (the bundled real models,
+marker `integration`), tests/gpu (marker `gpu`, skipped without CUDA). A test's
+folder gives it its tier's marker."""
 
 from __future__ import annotations
 
@@ -30,6 +31,10 @@ def shared_data(*parts: str) -> Path:
 def pytest_collection_modifyitems(config, items):
     import torch
 
+    for item in items:
+        tier = Path(item.fspath).parent.name
+        if tier in ("integration", "gpu"):
+            item.add_marker(getattr(pytest.mark, tier))
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")

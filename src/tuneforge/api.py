@@ -18,7 +18,21 @@ def train(recipe: Union[str, Path, dict, Recipe], overrides: Optional[list[str]]
         recipe = load_recipe(recipe, overrides)
     if recipe.name is None:
         recipe.name = "run"
+    from tuneforge import preflight
+    from tuneforge.models import pick_device
     from tuneforge.training import distributed
+
+    # max_length within the model's positions, and a memory floor within what is free,
+    # before a run folder or a model exists (PreflightError names the key to change)
+    try:
+        target = pick_device(device or recipe.device)
+    except RuntimeError:  # no such device: the trainer says so, as before
+        target = None
+    if target is not None:
+        from tuneforge import gpu
+
+        gpu.check_recipe(recipe, target)  # GPU-only features first: they need no model to be refused
+        preflight.check(recipe, target)
 
     try:
         result = get_trainer(recipe.task)(recipe, output=output, resume=resume, device=device, quiet=quiet)

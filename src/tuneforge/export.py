@@ -3,8 +3,11 @@
 Merged safetensors weights, tokenizer, the pinned chat template, generation
 config, a model card (README.md) and manifest.json (sha256 of every file and
 the lineage: recipe, data hashes, base model). Before anything is written the
-export checks itself: the merged weights and base + adapter (LoRA) must give
-the same greedy tokens and logits within 1e-4 on sample inputs, or it fails.
+export checks itself: the weights it wrote, reloaded from disk, and an
+independent reference (base + adapter for LoRA, base + the final checkpoint's
+tensors for full and freeze) must give the same greedy tokens and logits within
+1e-4 on sample inputs from the test split (the manifest says when fixed strings
+stood in), or it fails.
 """
 
 from __future__ import annotations
@@ -14,9 +17,8 @@ import shutil
 from pathlib import Path
 from typing import Optional
 
-import yaml
-
-from tuneforge import __version__
+from tuneforge import __version__, safeyaml
+from tuneforge.console import console
 from tuneforge.fsio import atomic_dir, sha256_file
 
 ATOL = 1e-4
@@ -28,52 +30,94 @@ class ExportError(RuntimeError):
     """The export would not be what the run produced; nothing was written."""
 
 
-def _sample_texts(run: Path, recipe: dict) -> list[str]:
-    """A few real inputs from the run's test data when readable, else fixed ones."""
+def _sample_texts(run: Path, recipe: dict) -> tuple[list[str], str]:
+    """A few real inputs from the run's test split when it still reads, else fixed
+    ones; and which of the two it was (said in the output and the manifest)."""
+    from tuneforge.data.load import DataError
     from tuneforge.data.prepare import prepare_splits
-    from tuneforge.recipe import load_recipe
+    from tuneforge.recipe import RecipeError, load_recipe
 
     try:
-        rows = prepare_splits(load_recipe(run / "recipe.yaml")).test[:3]
-    except Exception:  # data moved or changed: the fixed samples still test the weights
-        rows = []
-    if recipe["task"] == "classification":
-        return [r["text"] for r in rows] or CLS_TEXTS
-    prompts = [r["prompt"] if "prompt" in r else next(m["content"] for m in r["messages"] if m["role"] == "user")
-               for r in rows]
-    return prompts or SFT_PROMPTS
+        rows, why = prepare_splits(load_recipe(run / "recipe.yaml")).test[:3], "the test split is empty"
+    except RecipeError as exc:  # e.g. the data file moved
+        rows, why = [], "the run's data does not read: " + "; ".join(f"{k}: {m}" for k, m in exc.problems)[:200]
+    except (DataError, OSError, ValueError) as exc:  # the data changed
+        rows, why = [], f"the run's data does not read: {str(exc).splitlines()[0][:200]}"
+    if rows:
+        if recipe["task"] == "classification":
+            return [r["text"] for r in rows], f"test split: {len(rows)} rows"
+        return [r["prompt"] if "prompt" in r else next(m["content"] for m in r["messages"] if m["role"] == "user")
+                for r in rows], f"test split: {len(rows)} rows"
+    fixed = CLS_TEXTS if recipe["task"] == "classification" else SFT_PROMPTS
+    inputs = f"fallback: {len(fixed)} fixed strings (no test split: {why})"
+    console.print(f"[yellow]warning: the export check runs on {len(fixed)} fixed strings, not the run's test split "
+                  f"({why})")
+    return fixed, inputs
 
 
-def check_equivalence(run: Path, recipe: dict, candidate: Path) -> dict:
-    """Compare `candidate` (the folder to export) with the run's reference model:
-    base + adapter for LoRA, the run's own model/ otherwise."""
+def final_weights(run: Path) -> Path:
+    """The checkpoint tensors that run/model (full, freeze) was saved from: the
+    best evaluation's weights when the run kept them (training restores them at
+    the end), else the last step's."""
+    from tuneforge.fsio import is_complete
+    from tuneforge.training.checkpoint import latest_checkpoint
+
+    best = run / "checkpoints" / "best"
+    folder = best if is_complete(best) else latest_checkpoint(run / "checkpoints")
+    if folder is None or not (folder / "trainable.safetensors").is_file():
+        raise ExportError(f"{run}: no checkpoint (checkpoints/best or checkpoints/step-N) to check run/model against; "
+                          "the export check needs the run's checkpoints: re-run training")
+    return folder / "trainable.safetensors"
+
+
+def _checkpoint_model(run: Path, recipe: dict, exported):
+    """Independent of run/model: the base model with the final checkpoint's
+    trained tensors put in (all of them for full, the unfrozen ones for freeze)."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    from safetensors.torch import load_file
 
-    from tuneforge import catalog
-    from tuneforge.models import load_tokenizer, quiet_transformers
+    from tuneforge.models import load_causal_lm, load_classifier
 
-    quiet_transformers()
-    task = recipe["task"]
-    cls = AutoModelForSequenceClassification if task == "classification" else AutoModelForCausalLM
-    exported = cls.from_pretrained(candidate).eval()
-    adapter = run / "model" / "adapter"
-    if adapter.is_dir():
-        from peft import PeftModel
-
-        kwargs = {}
-        if task == "classification":
-            kwargs = {"num_labels": exported.config.num_labels, "id2label": exported.config.id2label,
-                      "label2id": exported.config.label2id}
-        base = cls.from_pretrained(catalog.resolve(recipe["model"]), **kwargs)
-        reference = PeftModel.from_pretrained(base, adapter).eval()
+    weights = final_weights(run)
+    if recipe["task"] == "classification":
+        labels = [exported.config.id2label[i] for i in range(exported.config.num_labels)]
+        model = load_classifier(recipe["model"], labels)[0]
     else:
-        reference = cls.from_pretrained(run / "model").eval()
-    # Compare in float64: in float32 the two computation orders (W + BA vs Wx + BAx)
-    # alone differ by ~1e-4 on a 30-layer model, which would hide or fake a damaged merge.
+        model = load_causal_lm(recipe["model"])[0]
+    params, state = dict(model.named_parameters()), load_file(str(weights))
+    wrong = [k for k, v in state.items() if k not in params or params[k].shape != v.shape]
+    if wrong:
+        raise ExportError(f"{weights} does not fit base model {recipe['model']} ({wrong[0]}); "
+                          "was the recipe or the base model changed after training?")
+    with torch.no_grad():
+        for name, tensor in state.items():
+            params[name].copy_(tensor)
+    return model, f"{recipe['model']} + {weights.relative_to(run)}"
+
+
+def _reference(run: Path, recipe: dict, cls, exported):
+    """(model, description): base + adapter for LoRA, base + final checkpoint otherwise."""
+    from tuneforge import catalog
+    from tuneforge.models import load_adapter, load_pretrained
+
+    adapter = run / "model" / "adapter"
+    if not adapter.is_dir():
+        return _checkpoint_model(run, recipe, exported)
+    kwargs = {}
+    if recipe["task"] == "classification":
+        kwargs = {"num_labels": exported.config.num_labels, "id2label": exported.config.id2label,
+                  "label2id": exported.config.label2id}
+    base = load_pretrained(cls, catalog.resolve(recipe["model"]), **kwargs)
+    return load_adapter(base, str(adapter)), "base + adapter"
+
+
+def _compare(exported, reference, tokenizer, task: str, texts: list[str]) -> tuple[float, bool]:
+    """(max |logit difference|, greedy tokens equal) over `texts`, in float64: in
+    float32 the two computation orders (W + BA vs Wx + BAx) alone differ by ~1e-4
+    on a 30-layer model, which would hide or fake a damaged merge."""
+    import torch
+
     exported, reference = exported.double(), reference.double()
-    tokenizer = load_tokenizer(str(candidate))
-    texts = _sample_texts(run, recipe)
     if task == "sft":
         from tuneforge.data.render import encode_prompt
 
@@ -84,18 +128,35 @@ def check_equivalence(run: Path, recipe: dict, candidate: Path) -> dict:
     with torch.no_grad():
         for ids in prompts:
             x = torch.tensor([ids])
-            a, b = exported(x).logits, reference(x).logits
-            worst = max(worst, float((a - b).abs().max()))
+            worst = max(worst, float((exported(x).logits - reference(x).logits).abs().max()))
             if task == "sft":
                 ga = exported.generate(x, max_new_tokens=16, do_sample=False, pad_token_id=tokenizer.pad_token_id)
                 gb = reference.generate(input_ids=x, max_new_tokens=16, do_sample=False,
                                         pad_token_id=tokenizer.pad_token_id)
                 same_tokens &= torch.equal(ga, gb)
-    report = {"samples": len(prompts), "max_abs_logit_diff": worst, "greedy_tokens_equal": same_tokens,
-              "reference": "base + adapter" if adapter.is_dir() else "run model", "atol": ATOL}
+    return worst, same_tokens
+
+
+def check_equivalence(run: Path, recipe: dict, candidate: Path) -> dict:
+    """Reload `candidate` (the folder to export) from disk and compare it with an
+    independent reference: the base + adapter for LoRA, the base + the final
+    checkpoint's tensors for full and freeze."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from tuneforge.models import load_pretrained, load_tokenizer, quiet_transformers
+
+    quiet_transformers()
+    task = recipe["task"]
+    cls = AutoModelForSequenceClassification if task == "classification" else AutoModelForCausalLM
+    exported = load_pretrained(cls, str(candidate)).eval()
+    reference, described = _reference(run, recipe, cls, exported)
+    texts, inputs = _sample_texts(run, recipe)
+    worst, same_tokens = _compare(exported, reference.eval(), load_tokenizer(str(candidate)), task, texts)
+    report = {"samples": len(texts), "inputs": inputs, "max_abs_logit_diff": worst, "greedy_tokens_equal": same_tokens,
+              "reference": described, "atol": ATOL}
     if worst > ATOL or not same_tokens:
         raise ExportError(
-            f"the exported weights do not reproduce the run's model: max |logit diff| {worst:.2e} "
+            f"the exported weights do not reproduce the run's model ({described}): max |logit diff| {worst:.2e} "
             f"(allowed {ATOL:.0e}), greedy tokens equal: {same_tokens}. Nothing was exported; "
             "re-run training or check run/model for damage."
         )
@@ -111,7 +172,9 @@ def _model_card(recipe: dict, manifest: dict, metrics: dict, equivalence: dict) 
             ci = (test.get("ci") or {}).get(key)
             shown = f"{value:.4f}" + (f" (95% CI {ci[0]:.4f}-{ci[1]:.4f})" if ci else "")
             other = base.get(key)
-            rows.append(f"| {key} | {shown} | {other:.4f} |" if isinstance(other, float) else f"| {key} | {shown} | - |")
+            rows.append(
+                f"| {key} | {shown} | {other:.4f} |" if isinstance(other, float) else f"| {key} | {shown} | - |"
+            )
     files = (manifest.get("data") or {}).get("files") or {}
     data_lines = [f"- {split}: `{Path(info['path']).name}` (sha256 {info['sha256'][:12]}...), {info['kept']} rows kept "
                   f"of {info['read']} read" for split, info in files.items()]
@@ -123,11 +186,12 @@ def _model_card(recipe: dict, manifest: dict, metrics: dict, equivalence: dict) 
         f"- Method: {method['name']}" + (f" (r={method['r']}, alpha={method['alpha']}, merged into the weights)"
                                         if method["name"] in ("lora", "qlora") else ""),
         f"- Optimizer {recipe['train']['optimizer']}, learning rate {recipe['train']['learning_rate'] or 'default'}, "
-        f"batch {recipe['train']['batch_size']}, max_length {recipe['train']['max_length']}, seed {recipe['train']['seed']}",
+        f"batch {recipe['train']['batch_size']}, max_length {recipe['train']['max_length']}, seed "
+        f"{recipe['train']['seed']}",
         "", "## Data", "", *data_lines, "",
         "## Evaluation (held-out test split)", "", *rows, "",
-        f"Export check: {equivalence['samples']} sample inputs, max |logit difference| against "
-        f"{equivalence['reference']} {equivalence['max_abs_logit_diff']:.1e}.", "",
+        f"Export check: {equivalence['samples']} sample inputs ({equivalence['inputs']}), max |logit difference| "
+        f"against {equivalence['reference']} {equivalence['max_abs_logit_diff']:.1e}.", "",
         "## Intended use", "",
         f"The task the training data describes ({recipe['task']}), on inputs like those data. "
         "Check the evaluation above on your own held-out data before relying on it.", "",
@@ -140,14 +204,22 @@ def _model_card(recipe: dict, manifest: dict, metrics: dict, equivalence: dict) 
 
 
 def export_run(run: Path, to: Path, force: bool = False) -> dict:
+    from tuneforge.models import SAFE_MODEL_FILES, adapter_folder, check_safetensors
+
     run, to = Path(run), Path(to)
     if not (run / "model" / "config.json").is_file():
         raise ExportError(f"{run}: no finished model (run/model/config.json); has the run completed?")
     if to.exists() and any(to.iterdir()) and not force:
         raise ExportError(f"{to} exists and is not empty; choose another folder or pass --force")
-    recipe = yaml.safe_load((run / "recipe.yaml").read_text())
+    recipe = safeyaml.load_file(run / "recipe.yaml")
     manifest = json.loads((run / "manifest.json").read_text())
     metrics = json.loads((run / "metrics.json").read_text()) if (run / "metrics.json").is_file() else {}
+    try:  # safetensors only, checked before anything is copied or unpickled
+        check_safetensors(run / "model", SAFE_MODEL_FILES)
+        if (run / "model" / "adapter").is_dir():
+            adapter_folder(str(run / "model" / "adapter"))
+    except FileNotFoundError as exc:
+        raise ExportError(str(exc)) from None
     with atomic_dir(to) as tmp:
         for item in (run / "model").iterdir():
             if item.is_file() and not item.name.startswith("."):

@@ -11,6 +11,7 @@ import importlib.util
 from typing import Optional
 
 INSTALL_HINT = "pip install 'tuneforge[gpu]'"
+QLORA_FEATURE = "method qlora (a 4-bit bitsandbytes base model)"
 
 
 class GpuUnavailable(RuntimeError):
@@ -43,8 +44,7 @@ def problems(recipe, device=None) -> list[str]:
     """Every GPU-only feature of `recipe` that cannot run here, each with its reason and remedy."""
     found = []
     if recipe.method.name == "qlora":
-        feature = "method qlora (a 4-bit bitsandbytes base model)"
-        found += [_cuda_problem(feature, device), _package_problem(feature, "bitsandbytes")]
+        found += [_cuda_problem(QLORA_FEATURE, device), _package_problem(QLORA_FEATURE, "bitsandbytes")]
     if recipe.train.liger:
         feature = "train.liger (Liger Triton kernels)"
         found += [_cuda_problem(feature, device), _package_problem(feature, "liger_kernel")]
@@ -69,6 +69,33 @@ def require(feature: str, module: Optional[str] = None, device=None, install: st
     found = [p for p in found if p]
     if found:
         raise GpuUnavailable(". ".join(found) + ".")
+
+
+def compute_dtype():
+    """bf16 where the GPU has it (Ampere and later), else fp16 as in the QLoRA paper's older-GPU setting."""
+    import torch
+
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def nf4_options() -> dict:
+    """from_pretrained keywords that quantise the base to 4-bit NF4 on the current GPU
+    (bitsandbytes, double quantisation, compute in compute_dtype()); for qlora."""
+    require(QLORA_FEATURE, "bitsandbytes")
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    dtype = compute_dtype()
+    return {
+        "quantization_config": BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype,
+        ),
+        # The weights that stay unquantised (norms, embeddings, head) load in the
+        # compute dtype; qlora.prepare() upcasts them to float32 for training.
+        "dtype": dtype,
+        "device_map": {"": torch.cuda.current_device()},
+    }
 
 
 def autocast_attention(model, dtype=None) -> int:

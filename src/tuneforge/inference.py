@@ -13,6 +13,8 @@ from tuneforge.training.batching import attention_mask, eval_batches, pad
 
 
 def encode(tokenizer, texts: list[str], max_length: int) -> list[list[int]]:
+    if not texts:  # an empty split (data.split gives it 0): fast tokenizers raise IndexError on []
+        return []
     return tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
 
 
@@ -321,7 +323,8 @@ def zero_shot_probs(model, tokenizer, texts: list[str], label_words: list[str], 
     examples, owners = [], []
     for i, text in enumerate(texts):
         prompt = encode_prompt(tokenizer, [{"role": "user",
-                                            "content": f"{instruction}\n\nText: {text}\n\nAnswer with one of: {options}."}])
+                                            "content": f"{instruction}\n\nText: {text}\n\nAnswer with one of: "
+                                                       f"{options}."}])
         for k, word in enumerate(words):
             examples.append(Rendered(prompt + word, [IGNORE] * len(prompt) + word, False))
             owners.append((i, k))

@@ -7,11 +7,11 @@ Kept free of torch/transformers imports so that validating a recipe (and
 from __future__ import annotations
 
 import difflib
+import os
 import re
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
-import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -22,17 +22,32 @@ from pydantic import (
     model_validator,
 )
 
-from tuneforge import catalog
+from tuneforge import catalog, safeyaml
 
 DATA_FORMATS = ("auto", "csv", "tsv", "json", "jsonl", "parquet")
 
 
+# Upper bounds: far above any sensible setting, low enough that a typo (an
+# extra few zeros) is refused here instead of allocating or looping for ever.
+MAX_STEPS = 100_000_000
+MAX_TOKENS = 1_048_576  # train.max_length; the model's own limit is checked before loading (preflight)
+MAX_BATCH = 65_536
+MAX_RANK = 4096
+MAX_ROWS = 1_000_000_000
+MAX_GENERATE = 100_000_000
+MAX_SCHEMA_NODES = 10_000
+
+
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    """Every recipe section: unknown keys refused, assignments validated, and no
+    float field takes inf or nan (`.inf` would train with lr nan)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class CleanConfig(Section):
-    nfkc: bool = Field(True, description="Unicode NFKC normalisation (full-width forms, ligatures, compatibility characters).")
+    nfkc: bool = Field(True, description="Unicode NFKC normalisation (full-width forms, ligatures, compatibility "
+                                         "characters).")
     whitespace: bool = Field(
         True, description="Collapse runs of spaces/tabs, strip line ends, squeeze 3+ newlines to 2, trim the text.")
     strip_html: bool = Field(False, description="Remove HTML tags and unescape entities (&amp; -> &).")
@@ -40,9 +55,9 @@ class CleanConfig(Section):
         "keep", description="URLs: keep them, remove them, or replace them with <URL>.")
     lowercase: bool = Field(False, description="Lower-case every text (off by default: case carries meaning).")
     min_chars: Optional[int] = Field(
-        None, ge=1, description="Drop rows whose (cleaned) text is shorter than this many characters.")
+        None, ge=1, le=MAX_ROWS, description="Drop rows whose (cleaned) text is shorter than this many characters.")
     max_chars: Optional[int] = Field(
-        None, ge=1, description="Drop rows whose (cleaned) text is longer than this many characters.")
+        None, ge=1, le=MAX_ROWS, description="Drop rows whose (cleaned) text is longer than this many characters.")
 
 
 class PiiConfig(Section):
@@ -51,7 +66,8 @@ class PiiConfig(Section):
     phone: Literal["keep", "remove", "mask"] = Field(
         "keep", description="Phone numbers (9-15 digits, not dates): keep, remove, or mask as <PHONE>.")
     card: Literal["keep", "remove", "mask"] = Field(
-        "keep", description="Payment card numbers (13-19 digits passing the Luhn check): keep, remove, or mask as <CARD>.")
+        "keep", description="Payment card numbers (13-19 digits passing the Luhn check): keep, remove, or mask as "
+                            "<CARD>.")
     ip: Literal["keep", "remove", "mask"] = Field(
         "keep", description="IPv4 addresses (every octet <= 255): keep, remove, or mask as <IP>.")
 
@@ -60,7 +76,8 @@ class NearDupConfig(Section):
     enabled: bool = Field(
         False, description="Remove near-duplicates (MinHash LSH) inside each split, and training rows that "
         "near-duplicate a validation/test row (contamination). `data inspect` reports them either way.")
-    threshold: float = Field(0.8, gt=0, lt=1, description="Estimated Jaccard similarity at or above which two rows are near-duplicates.")
+    threshold: float = Field(0.8, gt=0, lt=1, description="Estimated Jaccard similarity at or above which two rows "
+                                                          "are near-duplicates.")
     shingle: Literal["char", "word"] = Field(
         "char", description="Shingles: character n-grams (language-agnostic, robust on short texts) or word n-grams.")
     ngram: int = Field(5, ge=1, le=32, description="Shingle length (characters or words).")
@@ -119,7 +136,8 @@ class DataConfig(Section):
         "group column for fairness audits and reweighing). A row missing one is malformed.",
     )
     max_rows: Optional[int] = Field(
-        None, ge=1, description="Use a seeded random subset of at most this many training rows (quick runs)."
+        None, ge=1, le=MAX_ROWS,
+        description="Use a seeded random subset of at most this many training rows (quick runs)."
     )
     on_invalid: Literal["error", "skip"] = Field(
         "error", description="Malformed rows: 'error' stops before training and lists them all; "
@@ -136,7 +154,8 @@ class DataConfig(Section):
     rejected_column: str = Field("rejected", description="Preference data: column holding the rejected response.")
     clean: CleanConfig = Field(default_factory=CleanConfig, description="Text cleaning applied to every split.")
     pii: PiiConfig = Field(default_factory=PiiConfig, description="Personal data: what to do with each kind.")
-    near_dup: NearDupConfig = Field(default_factory=NearDupConfig, description="Near-duplicate and contamination removal.")
+    near_dup: NearDupConfig = Field(default_factory=NearDupConfig, description="Near-duplicate and contamination "
+                                                                               "removal.")
     balance: Literal["none", "class_weights", "oversample", "undersample"] = Field(
         "none", description="Classification, train split only: class_weights sets a per-row loss weight n/(k*n_c); "
         "oversample repeats minority rows, undersample drops majority rows (seeded) until classes are equal.",
@@ -159,9 +178,12 @@ class DataConfig(Section):
     @field_validator("train", "validation", "test", "review_decisions")
     @classmethod
     def _file_exists(cls, v, info: ValidationInfo):
+        from tuneforge.data.load import path_problem
+
         check = (info.context or {}).get("check_files", True)
-        if check and v is not None and not Path(v).is_file():
-            raise ValueError(f"data file not found: {v}")
+        problem = path_problem(v) if check and v is not None else None
+        if problem is not None:
+            raise ValueError(f"data file not found: {v}" if problem == "not found" else f"data file {v} {problem}")
         return v
 
     @field_validator("prompt_template")
@@ -178,14 +200,15 @@ class MethodConfig(Section):
         "lora: low-rank adapters (peft); qlora: LoRA adapters over a 4-bit NF4 base model (bitsandbytes, "
         "double quantisation, bf16 compute; sft only; needs a CUDA GPU and `pip install 'tuneforge[gpu]'`)."
     )
-    r: int = Field(8, ge=1, description="LoRA rank.")
-    alpha: float = Field(16.0, gt=0, description="LoRA scaling alpha (effective scale alpha / r).")
+    r: int = Field(8, ge=1, le=MAX_RANK, description="LoRA rank.")
+    alpha: float = Field(16.0, gt=0, le=1e6, description="LoRA scaling alpha (effective scale alpha / r).")
     dropout: float = Field(0.05, ge=0, lt=1, description="LoRA dropout on the adapter input.")
     target_modules: Union[Literal["all-linear"], list[str]] = Field(
-        "all-linear", description="LoRA: module names to adapt, or 'all-linear' (every linear layer but the output head)."
+        "all-linear", description="LoRA: module names to adapt, or 'all-linear' (every linear layer but the output "
+                                  "head)."
     )
     trainable_layers: int = Field(
-        2, ge=0, description="freeze: number of top transformer layers left trainable (head always trains)."
+        2, ge=0, le=10_000, description="freeze: number of top transformer layers left trainable (head always trains)."
     )
 
 
@@ -219,49 +242,56 @@ class DistributedConfig(Section):
 
 
 class TrainConfig(Section):
-    epochs: float = Field(3.0, gt=0, description="Passes over the training data (fractions allowed).")
-    max_steps: Optional[int] = Field(None, ge=1, description="Stop after this many optimizer steps (overrides epochs).")
-    batch_size: int = Field(16, ge=1, description="Examples per micro-batch.")
-    gradient_accumulation: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    epochs: float = Field(3.0, gt=0, le=100_000, description="Passes over the training data (fractions allowed).")
+    max_steps: Optional[int] = Field(None, ge=1, le=MAX_STEPS, description="Stop after this many optimizer steps "
+                                                                           "(overrides epochs).")
+    batch_size: int = Field(16, ge=1, le=MAX_BATCH, description="Examples per micro-batch.")
+    gradient_accumulation: int = Field(1, ge=1, le=MAX_BATCH, description="Micro-batches per optimizer step.")
     learning_rate: Optional[float] = Field(
-        None, gt=0, description="Peak learning rate. Default: 2e-4 for lora/qlora, 5e-5 for full/freeze."
+        None, gt=0, le=10, description="Peak learning rate. Default by method: 5e-5 for full/freeze; "
+        "lora/qlora 5e-4 for classification, 2e-4 for sft."
     )
     warmup: float = Field(
-        0.06, ge=0, description="Warm-up: a fraction of total steps if < 1, else a number of steps."
+        0.06, ge=0, le=MAX_STEPS, description="Warm-up: a fraction of total steps if < 1, else a number of steps."
     )
     scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field(
         "linear", description="Learning-rate schedule after warm-up."
     )
     optimizer: Literal["adamw", "sgd", "rmsprop"] = Field("adamw", description="Optimizer.")
-    weight_decay: float = Field(0.0, ge=0, description="Decoupled weight decay (AdamW) or L2 (SGD/RMSprop).")
+    weight_decay: float = Field(0.0, ge=0, le=100, description="Decoupled weight decay (AdamW) or L2 (SGD/RMSprop).")
     max_grad_norm: Optional[float] = Field(1.0, gt=0, description="Clip the gradient norm to this; null disables.")
-    max_length: int = Field(256, ge=8, description="Truncate every example to this many tokens.")
-    seed: int = Field(42, description="Seed for data order, splits, initialisation and dropout.")
+    max_length: int = Field(256, ge=8, le=MAX_TOKENS, description="Truncate every example to this many tokens "
+                            "(at most the model's position embeddings).")
+    seed: int = Field(42, ge=0, le=2**32 - 1, description="Seed for data order, splits, initialisation and dropout.")
     dropout: Optional[float] = Field(
         None, ge=0, lt=1, description="Override the model's hidden/attention dropout probability."
     )
     early_stopping_patience: Optional[int] = Field(
-        None, ge=1, description="Stop after this many evaluations without improvement of metric_for_best."
+        None, ge=1, le=MAX_STEPS, description="Stop after this many evaluations without improvement of metric_for_best."
     )
     metric_for_best: Optional[str] = Field(
         None, description="Validation metric for early stopping and best checkpoint. "
         "Default: f1_macro (classification), loss (sft).",
     )
     eval_every: Optional[int] = Field(
-        None, ge=1, description="Evaluate on validation every N optimizer steps. Default: at each epoch end."
+        None, ge=1, le=MAX_STEPS, description="Evaluate on validation every N optimizer steps. Default: at each epoch "
+                                              "end."
     )
     checkpoint_every: Optional[int] = Field(
-        None, ge=1, description="Write a resumable checkpoint every N optimizer steps. Default: at each evaluation."
+        None, ge=1, le=MAX_STEPS, description="Write a resumable checkpoint every N optimizer steps. Default: at each "
+                                              "evaluation."
     )
-    keep_checkpoints: int = Field(2, ge=1, description="Resumable checkpoints kept on disk (the best one is kept apart).")
-    log_every: int = Field(10, ge=1, description="Write a metrics.jsonl line every N optimizer steps.")
+    keep_checkpoints: int = Field(2, ge=1, le=1000, description="Resumable checkpoints kept on disk (the best one is "
+                                                                "kept apart).")
+    log_every: int = Field(10, ge=1, le=MAX_STEPS, description="Write a metrics.jsonl line every N optimizer steps.")
     gradient_checkpointing: bool = Field(
         False, description="Recompute layer activations in the backward pass: far less memory, ~30% more compute."
     )
     group_by_length: bool = Field(
         True, description="Batch examples of similar length together to waste less compute on padding."
     )
-    eval_batch_size: Optional[int] = Field(None, ge=1, description="Batch size for evaluation. Default: 2 x batch_size.")
+    eval_batch_size: Optional[int] = Field(None, ge=1, le=MAX_BATCH, description="Batch size for evaluation. Default: "
+                                                                                 "2 x batch_size.")
     attn_implementation: Literal["auto", "sdpa", "flash_attention_2", "eager"] = Field(
         "auto", description="Attention kernel passed to from_pretrained: auto (transformers' default, SDPA where the "
         "model supports it), sdpa, flash_attention_2 (needs a CUDA GPU and the flash-attn package), or eager.")
@@ -274,12 +304,37 @@ class TrainConfig(Section):
         default_factory=DistributedConfig, description="Multi-process training (used only with more than one process).")
 
 
+def count_nodes(value: Any, limit: int) -> int:
+    """Keys and values in a nested dict/list, counting stops just past `limit`
+    (so a structure that shares one list a billion times costs `limit` steps)."""
+    count, stack = 0, [value]
+    while stack and count <= limit:
+        node = stack.pop()
+        count += 1
+        if isinstance(node, dict):
+            count += len(node)
+            stack.extend(node.values())
+        elif isinstance(node, (list, tuple)):
+            stack.extend(node)
+    return count
+
+
 class ScorerConfig(Section):
     name: str = Field(description="Metric name in the results, e.g. 'valid_json'.")
     regex: Optional[str] = Field(None, description="Score 1 when the whole generation matches this regex.")
-    json_schema: Optional[dict] = Field(None, description="Score 1 when the generation is JSON valid under this schema.")
+    json_schema: Optional[dict] = Field(
+        None, description="Score 1 when the generation is JSON valid under this schema."
+    )
     function: Optional[str] = Field(
         None, description="'module:function' called as f(prediction, reference) -> float|bool.")
+
+    @field_validator("json_schema")
+    @classmethod
+    def _schema_is_bounded(cls, v):
+        if v is not None and count_nodes(v, MAX_SCHEMA_NODES) > MAX_SCHEMA_NODES:
+            raise ValueError(f"json_schema has more than {MAX_SCHEMA_NODES:,} keys and values; a scorer's schema "
+                             "is a few dozen")
+        return v
 
     @model_validator(mode="after")
     def _exactly_one(self):
@@ -291,12 +346,14 @@ class ScorerConfig(Section):
 
 class EvalConfig(Section):
     baseline: bool = Field(True, description="Also score the baseline (majority class / untouched base model).")
-    max_new_tokens: int = Field(64, ge=1, description="SFT: greedy generation length for exact match and ROUGE-L.")
+    max_new_tokens: int = Field(64, ge=1, le=MAX_TOKENS, description="SFT: greedy generation length for exact match "
+                                                                     "and ROUGE-L.")
     max_generate: Optional[int] = Field(
-        None, ge=1, description="SFT: score generations on at most this many test examples (all by default)."
+        None, ge=1, le=MAX_GENERATE, description="SFT: score generations on at most this many test examples (all by "
+                                                 "default)."
     )
     validation_generate: int = Field(
-        0, ge=0, description="SFT: also generate on this many validation examples at each evaluation "
+        0, ge=0, le=MAX_GENERATE, description="SFT: also generate on this many validation examples at each evaluation "
         "(adds exact_match/rouge_l to validation metrics; 0 = loss only).",
     )
     scorers: list[ScorerConfig] = Field(default_factory=list, description="SFT: extra scorers of generations.")
@@ -346,11 +403,13 @@ class FairnessConfig(Section):
         None, description="The label selection rate / TPR / FPR are about. Default: the second label in id "
         "order; multi-class tasks use it one-vs-rest.")
     thresholds: FairnessThresholds = Field(
-        default_factory=FairnessThresholds, description="The release gate: `tuneforge audit` exits 4 when one is crossed.")
+        default_factory=FairnessThresholds, description="The release gate: `tuneforge audit` exits 4 when one is "
+                                                        "crossed.")
     min_group_share: float = Field(
         0.10, ge=0, le=1, description="Warn before training when a group has less than this share of the rows.")
-    min_group_rows: int = Field(30, ge=0, description="Warn before training when a group has fewer rows than this.")
-    bootstrap: int = Field(1000, ge=0, description="Bootstrap resamples for the intervals (0: none).")
+    min_group_rows: int = Field(30, ge=0, le=MAX_ROWS, description="Warn before training when a group has fewer rows "
+                                                                   "than this.")
+    bootstrap: int = Field(1000, ge=0, le=1_000_000, description="Bootstrap resamples for the intervals (0: none).")
     reweighing: bool = Field(
         False, description="Mitigation: weight each training row by P(group)P(label)/P(group, label).")
     counterfactual_augmentation: bool = Field(
@@ -361,7 +420,7 @@ class FairnessConfig(Section):
     inprocessing: Literal["none", "eo_penalty", "dp_penalty"] = Field(
         "none", description="Mitigation: add a penalty on gaps in mean positive-class probability between groups "
         "in each batch: per true label (eo_penalty) or overall (dp_penalty).")
-    penalty_weight: float = Field(1.0, ge=0, description="Weight of the in-processing penalty in the loss.")
+    penalty_weight: float = Field(1.0, ge=0, le=1e6, description="Weight of the in-processing penalty in the loss.")
 
     @property
     def active(self) -> bool:
@@ -369,17 +428,56 @@ class FairnessConfig(Section):
                     or self.postprocess != "none" or self.inprocessing != "none")
 
 
+# Peak learning rate when train.learning_rate is not set, by (method, task).
+# LoRA trains few weights and a new classification head from scratch, so it
+# wants a rate ten times full fine-tuning's: the starter classification recipe
+# with method.name=lora reaches 0.83+ on SST-2 at 5e-4 and 0.80 at 2e-4
+# (tests/integration/test_recipe_defaults.py, bench/results/*-lora-starter-sst2.json).
+DEFAULT_LEARNING_RATES = {
+    ("full", "classification"): 5e-5, ("full", "sft"): 5e-5,
+    ("freeze", "classification"): 5e-5, ("freeze", "sft"): 5e-5,
+    ("lora", "classification"): 5e-4, ("lora", "sft"): 2e-4,
+    ("qlora", "classification"): 5e-4, ("qlora", "sft"): 2e-4,
+}
+
+
+def run_name_problem(name: str) -> Optional[str]:
+    """None when `name` can be a run folder's name (one path component under the
+    output root); else why not, with a hint."""
+    bad = [c for c in ("/", "\\", "\0") if c in name]
+    if not name.strip() or bad or name.startswith(".") or len(name) > 200:
+        shown = ", ".join(repr(c) for c in bad) or ("a leading dot" if name.startswith(".") else "its length")
+        return (f"run name {name!r} must be one folder name ({shown} not allowed: no '/', '\\', '..', NUL, "
+                "leading dot, at most 200 characters), e.g. name: my-run; choose where runs go with --output")
+    return None
+
+
+def default_run_name(stem: str) -> str:
+    """A recipe file's stem made a valid run name (`.hidden.yaml` -> `hidden`)."""
+    name = stem.lstrip(".").replace("\0", "")
+    return name if name and run_name_problem(name) is None else "run"
+
+
 class Recipe(Section):
     name: Optional[str] = Field(None, description="Run name; default: the recipe file name.")
     model: str = Field(description="A catalogue name (see `tuneforge models`), a local HF folder, or a hub id.")
     task: Literal["classification", "sft"] = Field(description="classification (encoder + head) or sft (causal LM).")
-    device: Literal["auto", "cpu", "cuda", "mps"] = Field("auto", description="Where to train; auto picks CUDA when present.")
+    device: Literal["auto", "cpu", "cuda", "mps"] = Field("auto", description="Where to train; auto picks CUDA when "
+                                                                              "present.")
     data: DataConfig = Field(description="Where the data is and how its columns map to the task.")
     method: MethodConfig = Field(default_factory=MethodConfig, description="How the model is adapted.")
     train: TrainConfig = Field(default_factory=TrainConfig, description="Optimisation settings.")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation settings.")
     fairness: FairnessConfig = Field(
         default_factory=FairnessConfig, description="Bias audit by group, the release gate, and mitigations.")
+
+    @field_validator("name")
+    @classmethod
+    def _one_path_component(cls, v):
+        problem = run_name_problem(v) if v is not None else None
+        if problem:
+            raise ValueError(problem)
+        return v
 
     @field_validator("model")
     @classmethod
@@ -410,11 +508,23 @@ class Recipe(Section):
             raise ValueError("qlora quantises a causal LM for task sft; use method.name: lora for classification")
         return v
 
+    @field_validator("train")
+    @classmethod
+    def _known_metric_for_best(cls, v, info: ValidationInfo):
+        from tuneforge.evaluate.registry import check_metric_for_best  # a leaf module: no cycle
+
+        problem = check_metric_for_best(v.metric_for_best, info.data.get("task"))
+        if problem:
+            raise ValueError(problem)
+        return v
+
     @property
     def learning_rate(self) -> float:
+        """train.learning_rate, else the default of this method and task
+        (DEFAULT_LEARNING_RATES), so switching method.name keeps a rate that learns."""
         if self.train.learning_rate is not None:
             return self.train.learning_rate
-        return 2e-4 if self.method.name in ("lora", "qlora") else 5e-5
+        return DEFAULT_LEARNING_RATES[(self.method.name, self.task)]
 
     @property
     def metric_for_best(self) -> str:
@@ -491,7 +601,11 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
         key, sep, raw = item.partition("=")
         if not sep or not key or not re.fullmatch(r"[A-Za-z_][\w.]*", key):
             raise RecipeError("command line", [(item, "override must look like KEY=VALUE, e.g. train.epochs=2.")])
-        parsed.append((key, yaml.safe_load(raw) if raw != "" else None))
+        try:
+            value = safeyaml.load(raw, f"override {key}") if raw != "" else None
+        except safeyaml.YamlError as exc:
+            raise RecipeError("command line", [(item, f"{exc.reason}.")]) from None
+        parsed.append((key, value))
     return parsed
 
 
@@ -503,10 +617,17 @@ _PATHS = [("data", key) for key in _PATH_KEYS] + [
     ("train", "distributed", "deepspeed_config")]
 
 
+def _absolute_path(value: str, base: Path) -> str:
+    try:
+        return str((base / value).resolve())
+    except (RuntimeError, OSError):  # a symlink loop: the data-file check says so
+        return os.path.abspath(base / value)
+
+
 def _resolve_paths(raw: dict, base: Path) -> None:
     def resolved(value):
         if isinstance(value, str) and value and not Path(value).is_absolute():
-            return str((base / value).resolve())
+            return _absolute_path(value, base)
         return value
 
     for *parents, key in _PATHS:
@@ -537,11 +658,10 @@ def load_recipe(source: Union[str, Path, dict], overrides: Optional[list[str]] =
         if not path.is_file():
             raise RecipeError(label, [("(file)", f"recipe file not found: {path}.")])
         try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f"{path}:{mark.line + 1}" if mark else str(path)
-            raise RecipeError(label, [(where, f"not valid YAML: {getattr(exc, 'problem', exc)}.")]) from None
+            raw = safeyaml.load_file(path)
+        except safeyaml.YamlError as exc:
+            where = f"{path}:{exc.line}" if exc.line else str(path)
+            raise RecipeError(label, [(where, f"{exc.reason}.")]) from None
         if raw is None:
             raw = {}
         if not isinstance(raw, dict):
@@ -550,16 +670,17 @@ def load_recipe(source: Union[str, Path, dict], overrides: Optional[list[str]] =
     _resolve_paths(raw, base)
     for key, value in parse_overrides(overrides or []):
         if tuple(key.split(".")) in _PATHS and isinstance(value, str):
-            value = str(Path(value).resolve())
+            value = _absolute_path(value, Path.cwd())
         _set_dotted(raw, key, value)
     try:
         recipe = Recipe.model_validate(raw, context={"check_files": check_files})
     except ValidationError as exc:
         raise RecipeError(label, [_explain(e) for e in exc.errors()]) from None
     if recipe.name is None and not isinstance(source, dict):
-        recipe.name = Path(source).stem
+        recipe.name = default_run_name(Path(source).stem)
     return recipe
 
 
 def dump_recipe(recipe: Recipe) -> str:
-    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+    """The resolved recipe as YAML (no anchors: `load_recipe` reads it back)."""
+    return safeyaml.dump(recipe.model_dump(mode="json"))

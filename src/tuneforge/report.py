@@ -9,55 +9,19 @@ from __future__ import annotations
 
 import base64
 import html
-import io
-import json
 from pathlib import Path
 from typing import Optional
 
-import yaml
-
+from tuneforge import safeyaml
+from tuneforge.evaluate import registry
+from tuneforge.evaluate.verdict import NO_BETTER
 from tuneforge.fsio import atomic_write_bytes, atomic_write_text
+from tuneforge.reporting import CSS, figure_png, html_table, md_table, pyplot, read_json, read_log
 
-HEADLINE = ("accuracy", "precision_macro", "recall_macro", "f1_macro", "f1_weighted", "roc_auc", "pr_auc", "ece",
-            "loss", "perplexity", "reference_perplexity", "exact_match", "rouge1", "rouge2", "rouge_l", "bleu", "chrf")
-LOWER_IS_BETTER = {"loss", "perplexity", "reference_perplexity", "ece"}
-
-
-def _read_json(path: Path) -> Optional[dict]:
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
-def _read_log(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return rows
+HEADLINE = registry.HEADLINE
 
 
 # ------------------------------------------------------------------- figures
-
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    plt.rcParams.update({"figure.dpi": 110, "axes.grid": True, "grid.alpha": 0.3, "axes.spines.top": False,
-                         "axes.spines.right": False, "font.size": 10})
-    return plt
-
-
-def _png(fig) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", bbox_inches="tight")
-    _plt().close(fig)
-    return buf.getvalue()
 
 
 def fig_training(log: list[dict]) -> Optional[bytes]:
@@ -65,7 +29,7 @@ def fig_training(log: list[dict]) -> Optional[bytes]:
     val = [r for r in log if r.get("split") == "validation"]
     if not train:
         return None
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(2, 2, figsize=(10, 6.5))
     steps = [r["step"] for r in train]
     ax = axes[0][0]
@@ -92,13 +56,13 @@ def fig_training(log: list[dict]) -> Optional[bytes]:
     # One legend under the panel, so it never hides a curve.
     axes[0][0].legend(handles, names, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=3, fontsize=8, frameon=False)
     fig.tight_layout()
-    return _png(fig)
+    return figure_png(fig)
 
 
 def fig_confusion(cm: dict) -> bytes:
     import numpy as np
 
-    plt = _plt()
+    plt = pyplot()
     labels, matrix = cm["labels"], np.array(cm["matrix"])
     size = max(4, 0.6 * len(labels) + 2.5)
     fig, ax = plt.subplots(figsize=(size, size * 0.85))
@@ -111,14 +75,14 @@ def fig_confusion(cm: dict) -> bytes:
             ax.text(j, i, int(matrix[i, j]), ha="center", va="center",
                     color="white" if matrix[i, j] > matrix.max() / 2 else "black")
     fig.colorbar(im, ax=ax, fraction=0.046)
-    return _png(fig)
+    return figure_png(fig)
 
 
 def fig_curves(curves: dict, kind: str) -> Optional[bytes]:
     data = curves.get(kind) or {}
     if not data:
         return None
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5, 4.2))
     for label, (xs, ys) in data.items():
         ax.plot(xs, ys, label=f"class {label}")
@@ -129,11 +93,11 @@ def fig_curves(curves: dict, kind: str) -> Optional[bytes]:
         ax.set(title="Precision-recall curve (test)", xlabel="recall", ylabel="precision")
     ax.set(xlim=(0, 1), ylim=(0, 1.02))
     ax.legend(loc="lower right" if kind == "roc" else "lower left")
-    return _png(fig)
+    return figure_png(fig)
 
 
 def fig_reliability(table: dict) -> bytes:
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5, 4.2))
     centers = [(lo + hi) / 2 for lo, hi in zip(table["bin_lower"], table["bin_upper"])]
     width = table["bin_upper"][0] - table["bin_lower"][0]
@@ -143,18 +107,18 @@ def fig_reliability(table: dict) -> bytes:
     ax.set(xlim=(0, 1), ylim=(0, 1), title="Reliability diagram (test)", xlabel="confidence (top-class probability)",
            ylabel="accuracy")
     ax.legend(loc="upper left")
-    return _png(fig)
+    return figure_png(fig)
 
 
 def fig_robustness(robustness: dict, metric: str) -> bytes:
-    plt = _plt()
+    plt = pyplot()
     names = list(robustness)
     drops = [robustness[n]["drop"] for n in names]
     fig, ax = plt.subplots(figsize=(6.5, 3.6))
     ax.barh(names, drops, color=["#d62728" if d > 0 else "#2ca02c" for d in drops])
     ax.set(title=f"Robustness: drop in {metric} under each perturbation", xlabel=f"{metric} drop (clean - perturbed)")
     ax.invert_yaxis()
-    return _png(fig)
+    return figure_png(fig)
 
 
 # ------------------------------------------------------------------ assembly
@@ -171,29 +135,41 @@ def _metric_rows(test: dict, baseline: Optional[dict]) -> list[list[str]]:
     for key in HEADLINE:
         if not isinstance(test.get(key), float):
             continue
+        entry = registry.get(key)
         ci = (test.get("ci") or {}).get(key)
         base = (baseline or {}).get(key)
         delta = test[key] - base if isinstance(base, float) else None
-        better = None if delta is None else (delta < 0 if key in LOWER_IS_BETTER else delta > 0)
-        rows.append([key, _fmt(base), _fmt(test[key]), f"[{ci[0]:.4f}, {ci[1]:.4f}]" if ci else "-",
-                     ("" if delta is None else f"{delta:+.4f}" + (" ▲" if better else " ▼"))])
+        better = None if delta is None else entry.better(test[key], base) and delta != 0
+        rows.append([key, entry.format(base), entry.format(test[key]),
+                     f"[{entry.format(ci[0])}, {entry.format(ci[1])}]" if ci else "-",
+                     ("" if delta is None else format(delta, "+" + entry.fmt) + (" ▲" if better else " ▼"))])
     return rows
 
 
-def _significance(test: dict) -> list[str]:
-    sig = test.get("vs_baseline")
-    if not sig:
-        return []
-    tests = [sig] if "p_value" in sig else [dict(v, metric=k) for k, v in sig.items()]
-    return [f"{t.get('metric', 'accuracy')}: {t['test']} p = {t['p_value']:.3g}" for t in tests]
+def _verdict_section(verdict: Optional[dict], baseline_name: str) -> Optional[tuple[str, str, str]]:
+    """The red panel (html, markdown) of a run no better than its baseline, or None."""
+    if not verdict or verdict.get("status") != NO_BETTER:
+        return None
+    title = f"No better than the {baseline_name}"
+    items = list(verdict.get("reasons", []))
+    hints = list(verdict.get("hints", []))
+    page = ("<div class=verdict-bad><p><strong>This fine-tune is no better than the "
+            f"{html.escape(baseline_name)}.</strong></p><ul>"
+            + "".join(f"<li>{html.escape(r)}</li>" for r in items) + "</ul>"
+            + (("<p><strong>Likely causes:</strong></p><ul>" + "".join(f"<li>{html.escape(h)}</li>" for h in hints)
+                + "</ul>") if hints else "") + "</div>")
+    md = "\n".join([f"> **This fine-tune is no better than the {baseline_name}.**", ">"]
+                   + [f"> - {r}" for r in items]
+                   + ([">", "> **Likely causes:**"] + [f"> - {h}" for h in hints] if hints else []))
+    return title, page, md
 
 
 def build_sections(run: Path) -> dict:
-    recipe = yaml.safe_load((run / "recipe.yaml").read_text())
-    manifest = _read_json(run / "manifest.json") or {}
-    metrics = _read_json(run / "metrics.json") or {}
-    details = _read_json(run / "evaluation.json") or {}
-    log = _read_log(run / "metrics.jsonl")
+    recipe = safeyaml.load_file(run / "recipe.yaml")
+    manifest = read_json(run / "manifest.json") or {}
+    metrics = read_json(run / "metrics.json") or {}
+    details = read_json(run / "evaluation.json") or {}
+    log = read_log(run / "metrics.jsonl")
     test, baseline = metrics.get("test") or {}, metrics.get("baseline")
     figures: dict[str, bytes] = {}
     if (png := fig_training(log)) is not None:
@@ -209,7 +185,8 @@ def build_sections(run: Path) -> dict:
         metric = "accuracy" if recipe["task"] == "classification" else "exact_match"
         figures["robustness"] = fig_robustness(details["robustness"], metric)
     return {"recipe": recipe, "manifest": manifest, "test": test, "baseline": baseline,
-            "validation": metrics.get("validation"), "details": details, "figures": figures}
+            "validation": metrics.get("validation"), "details": details, "figures": figures,
+            "verdict": metrics.get("verdict") or details.get("verdict")}
 
 
 def _recipe_summary(recipe: dict) -> list[list[str]]:
@@ -238,23 +215,9 @@ def _data_summary(manifest: dict) -> list[list[str]]:
     return rows
 
 
-def _html_table(header: list[str], rows: list[list[str]]) -> str:
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-
-
-def _md_table(header: list[str], rows: list[list[str]]) -> str:
-    def cell(c):
-        return str(c).replace("|", "\\|").replace("\n", " ")
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(cell(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
 def _fairness_sections(run: Path) -> list[tuple[str, str, str]]:
     """The fairness audit written at the end of training (RUN/audit/audit.json), when there is one."""
-    audit = _read_json(run / "audit" / "audit.json")
+    audit = read_json(run / "audit" / "audit.json")
     if not audit:
         return []
     from tuneforge.fairness.render import sections
@@ -264,13 +227,6 @@ def _fairness_sections(run: Path) -> list[tuple[str, str, str]]:
 
 FIGURE_TITLES = {"training": "Training curves", "confusion": "Confusion matrix", "roc": "ROC curve",
                  "pr": "Precision-recall curve", "reliability": "Calibration", "robustness": "Robustness"}
-
-CSS = """body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:1100px;margin:2em auto;
-padding:0 1em;color:#222}h1{margin-bottom:.2em}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.6em}
-table{border-collapse:collapse;margin:.6em 0}td,th{border:1px solid #ddd;padding:.3em .6em;text-align:left;
-vertical-align:top}th{background:#f4f6f8}.figs{display:flex;flex-wrap:wrap;gap:1em}.figs img{max-width:100%}
-.muted{color:#666}code{background:#f4f6f8;padding:0 .2em}"""
-
 
 def write_report(run: Path) -> tuple[Path, Path]:
     """Write report.html and report.md into the run folder; returns both paths."""
@@ -285,12 +241,14 @@ def write_report(run: Path) -> tuple[Path, Path]:
     def add(title: str, header: list[str], rows: list[list[str]], note: str = "") -> None:
         if rows:
             sections.append((title, (f"<p class=muted>{html.escape(note)}</p>" if note else "")
-                             + _html_table(header, rows), (note + "\n\n" if note else "") + _md_table(header, rows)))
+                             + html_table(header, rows), (note + "\n\n" if note else "") + md_table(header, rows)))
 
+    if (verdict := _verdict_section(s["verdict"], baseline_name)) is not None:
+        sections.append(verdict)
     add("Recipe", ["setting", "value"], _recipe_summary(recipe))
     add("Data", ["what", "counts"], _data_summary(s["manifest"]))
     add("Test metrics: fine-tuned vs " + baseline_name, metric_header, metric_rows,
-        "; ".join(_significance(test)) or "")
+        registry.significance_line(test.get("vs_baseline")))
     per_class = test.get("per_class") or {}
     add("Per class (test)", ["class", "precision", "recall", "F1", "support"],
         [[k, _fmt(v["precision"]), _fmt(v["recall"]), _fmt(v["f1"]), str(v["support"])] for k, v in per_class.items()])
@@ -315,7 +273,8 @@ def write_report(run: Path) -> tuple[Path, Path]:
     title = f"tuneforge report: {recipe.get('name') or run.name}"
     status = s["manifest"].get("status", "?")
     started, ended = s["manifest"].get("started"), s["manifest"].get("ended")
-    meta = f"run folder {run.name} · status {status} · started {started} · ended {ended} · device {s['manifest'].get('device')}"
+    meta = (f"run folder {run.name} · status {status} · started {started} · ended {ended} · "
+            f"device {s['manifest'].get('device')}")
     body = "".join(f"<h2>{html.escape(t)}</h2>{h}" for t, h, _ in sections)
     page = (f"<!doctype html><html lang=en><head><meta charset=utf-8><title>{html.escape(title)}</title>"
             f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1><p class=muted>{html.escape(meta)}</p>"

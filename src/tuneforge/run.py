@@ -16,13 +16,27 @@ import datetime as dt
 import json
 import os
 import platform
+import shutil
 import subprocess
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Optional
 
-from tuneforge.fsio import atomic_write_json, atomic_write_text
+from tuneforge import safeyaml
+from tuneforge.fsio import atomic_write_json, atomic_write_text, sha256_file
 from tuneforge.recipe import Recipe, dump_recipe
+
+# Recipe keys a resume may change: they decide what is logged, kept or scored
+# on the test split, never the trained weights. Each change is recorded in the
+# manifest (resume_changes); recipe.yaml keeps what the run started with.
+RESUMABLE_CHANGES = ("name", "device", "train.log_every", "train.keep_checkpoints", "train.eval_batch_size",
+                     "data.cache", "eval.")
+# eval.validation_generate feeds validation metrics, hence the best checkpoint
+RESUME_FIXED = ("eval.validation_generate",)
+
+
+class ResumeRefused(ValueError):
+    """The run folder was started with other settings or data than the resume asks for."""
 
 PACKAGES = ("tuneforge", "torch", "transformers", "peft", "accelerate", "safetensors", "scikit-learn", "numpy")
 
@@ -86,9 +100,15 @@ class Run:
         self.checkpoints = self.path / "checkpoints"
         self.checkpoints.mkdir(exist_ok=True)
         manifest_path = self.path / "manifest.json"
-        if resume and manifest_path.is_file():
+        resumed = resume and manifest_path.is_file()
+        if resumed:
             self.manifest = json.loads(manifest_path.read_text())
+            changes = check_resume(self.path, recipe, self.manifest)
             self.manifest.setdefault("resumed_at", []).append(_now())
+            if changes:
+                self.manifest.setdefault("resume_changes", []).append({"at": _now(), "changes": changes})
+            for folder in (self.path, self.checkpoints):  # what the interrupted run left half-done
+                remove_leftovers(folder)
         else:
             if manifest_path.is_file():
                 raise FileExistsError(
@@ -99,7 +119,8 @@ class Run:
                 "seed": recipe.train.seed, "git_commit": git_commit(), "packages": package_versions(),
                 "python": platform.python_version(), "platform": platform.platform(), "pid": os.getpid(),
             }
-        atomic_write_text(self.path / "recipe.yaml", dump_recipe(recipe))
+        if not (resumed and (self.path / "recipe.yaml").is_file()):  # a resume keeps what the run started with
+            atomic_write_text(self.path / "recipe.yaml", dump_recipe(recipe))
         self.save_manifest()
 
     def save_manifest(self) -> None:
@@ -113,6 +134,9 @@ class Run:
 
     def finish(self, status: str = "completed") -> None:
         self.update(ended=_now(), status=status)
+        if self.writer:
+            for folder in (self.path, self.checkpoints):
+                remove_leftovers(folder)
 
     # metrics.jsonl is append-only: a crash loses at most the line being written.
     def log(self, record: dict) -> None:
@@ -144,3 +168,57 @@ class Run:
     def read_json(self, name: str) -> Optional[Any]:
         path = self.path / name
         return json.loads(path.read_text()) if path.is_file() else None
+
+
+def remove_leftovers(folder: Path) -> list[str]:
+    """Delete what an interrupted `fsio.atomic_dir` leaves beside its target:
+    `.tmp-<name>-*` (never completed) and `.old-<name>-*` (replaced) folders.
+    Returns the names removed."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    for leftover in folder.iterdir():
+        if leftover.is_dir() and leftover.name.startswith((".tmp-", ".old-")):
+            shutil.rmtree(leftover, ignore_errors=True)
+            removed.append(leftover.name)
+    return removed
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict) and tree:
+        flat: dict[str, Any] = {}
+        for key, value in tree.items():
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        return flat
+    return {prefix[:-1]: tree}
+
+
+def _may_change(key: str) -> bool:
+    if any(key == k or key.startswith(k + ".") for k in RESUME_FIXED):
+        return False
+    return any(key == k or (k.endswith(".") and key.startswith(k)) for k in RESUMABLE_CHANGES)
+
+
+def check_resume(path: Path, recipe: Recipe, manifest: dict) -> dict[str, list]:
+    """Refuse (ResumeRefused) a resume whose recipe differs from the one the run
+    started with in a key that changes training, or whose data files changed
+    since; returns the allowed changes {key: [before, now]}."""
+    how = (f"To train with the new settings start a new run (another --output, without --resume); "
+           f"to continue this one, resume with the recipe in {path / 'recipe.yaml'}.")
+    started = path / "recipe.yaml"
+    before = _flatten(safeyaml.load_file(started)) if started.is_file() else {}
+    now = _flatten(json.loads(json.dumps(recipe.model_dump(mode="json"))))
+    changed = {k: [before.get(k), now.get(k)] for k in sorted(set(before) | set(now))
+               if before and before.get(k) != now.get(k)}
+    refused = {k: v for k, v in changed.items() if not _may_change(k)}
+    if refused:
+        shown = "; ".join(f"{k}: {v[0]!r} -> {v[1]!r}" for k, v in refused.items())
+        raise ResumeRefused(f"{path}: cannot resume with a different recipe ({shown}). {how}")
+    for split, info in (manifest.get("data") or {}).get("files", {}).items():
+        # the recipe's path (the same as at the start, or the diff above refused it)
+        file, digest = getattr(recipe.data, split, None), info.get("sha256")
+        if file and digest and Path(file).is_file() and sha256_file(Path(file)) != digest:
+            raise ResumeRefused(f"{path}: cannot resume: the {split} data {file} changed since the run started "
+                                f"(sha256 differs), and resuming would mix two data sets. {how}")
+    return {k: v for k, v in changed.items() if k not in refused}

@@ -16,23 +16,31 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable, Optional
 
-from tuneforge.data.load import DataError, _label, _text, read_records
+from tuneforge.data.load import NOT_UTF8_HINT, DataError, no_rows_reason, read_records
 
 KINDS_BY_TASK = {"classification": ("classification", "pair"),
                  "sft": ("prompt_response", "chat", "text", "preference")}
 ALPACA_TEMPLATE = "{instruction}\n\n{input}"
-HH_ASSISTANT = "\n\nAssistant:"
-HH_HUMAN = "\n\nHuman:"
 
 
 # ----------------------------------------------------------- detection
 
 
 def first_record(path: str, fmt: str, columns: Optional[list[str]]) -> dict:
-    for _, record, _ in read_records(Path(path), fmt, columns):
+    """The file's first readable record; a file without one is a DataError that
+    says why (no rows at all, or every row malformed, with the first)."""
+    first_error, bad = None, 0
+    for line, record, error in read_records(Path(path), fmt, columns):
         if record is not None:
             return record
-    raise DataError(f"{path}: no readable row to detect the data kind from; set data.kind explicitly.")
+        if error != "empty line":
+            bad += 1
+            first_error = first_error or f"{path}:{line}: {error}"
+    if first_error is None:
+        raise DataError(f"{path}: {no_rows_reason(path, fmt)}; there is nothing to prepare or train on.")
+    hint = f" ({NOT_UTF8_HINT})" if first_error.endswith(": invalid UTF-8") else ""
+    raise DataError(f"{path}: none of its {bad} row(s) can be read, so there is nothing to prepare or train on; "
+                    f"the first: {first_error}{hint}")
 
 
 def detect_kind(record: dict, task: Optional[str], cfg) -> tuple[str, dict, str]:
@@ -109,69 +117,6 @@ def loader_task(kind: str) -> str:
 
 # ------------------------------------------------- fields of the new kinds
 
-
-def kind_columns(kind: str, cfg) -> list[str]:
-    if kind == "pair":
-        return [cfg.text_column, cfg.text_pair_column, cfg.label_column]
-    if kind == "text":
-        return [cfg.text_column]
-    return [cfg.chosen_column, cfg.rejected_column]  # the prompt column is optional
-
-
-def split_hh(chosen: str, rejected: str) -> tuple[Optional[tuple[str, str, str]], Optional[str]]:
-    """HH-RLHF: two full transcripts -> (shared prompt through the final
-    '\\n\\nAssistant:', chosen final turn, rejected final turn)."""
-    ci, ri = chosen.rfind(HH_ASSISTANT), rejected.rfind(HH_ASSISTANT)
-    if ci < 0 or ri < 0:
-        return None, "chosen/rejected transcripts have no '\\n\\nAssistant:' turn"
-    prompt = chosen[: ci + len(HH_ASSISTANT)]
-    if rejected[: ri + len(HH_ASSISTANT)] != prompt:
-        return None, "chosen and rejected transcripts differ before the final Assistant turn"
-    return (prompt, chosen[ci + len(HH_ASSISTANT):].strip(), rejected[ri + len(HH_ASSISTANT):].strip()), None
-
-
-def _response(record: dict, key: str) -> tuple[Optional[str], Optional[str]]:
-    if key not in record:
-        return None, f"missing field '{key}'"
-    value = record[key]
-    if not isinstance(value, str):
-        return None, f"field '{key}' must be text, got {type(value).__name__}"
-    return value, None
-
-
-def kind_fields(record: dict, kind: str, cfg) -> tuple[Optional[dict], Optional[str]]:
-    if kind == "pair":
-        text, err = _text(record, cfg.text_column)
-        if not err:
-            pair, err = _text(record, cfg.text_pair_column)
-        if not err:
-            label, err = _label(record, cfg.label_column)
-        return (None, err) if err else ({"text": text, "text_pair": pair, "label": label}, None)
-    if kind == "text":
-        text, err = _text(record, cfg.text_column)
-        return (None, err) if err else ({"text": text}, None)
-    # An empty response can be the preferred one (HH-RLHF harmless: saying
-    # nothing beats helping with harm), so only the type is checked here.
-    chosen, err = _response(record, cfg.chosen_column)
-    if not err:
-        rejected, err = _response(record, cfg.rejected_column)
-    if err:
-        return None, err
-    if cfg.prompt_column in record:
-        prompt, err = _text(record, cfg.prompt_column)
-        if err:
-            return None, err
-    else:
-        parts, err = split_hh(chosen, rejected)
-        if err:
-            return None, err
-        prompt, chosen, rejected = parts
-    if chosen.strip() == rejected.strip():
-        return None, "chosen and rejected are the same: no preference to learn"
-    return {"prompt": prompt, "chosen": chosen, "rejected": rejected}, None
-
-
-# ------------------------------------------------------- per-row helpers
 
 TEXT_FIELDS = ("text", "text_pair", "prompt", "response", "chosen", "rejected")
 

@@ -53,17 +53,11 @@ def _reject_kind(reason: str) -> str:
     return "malformed"
 
 
-def analyse(rows: dict[str, list[Row]], rejects: list, kind: str, tokenizer=None, max_length: int = 256,
-            near_dup_cfg=None, system_prompt: Optional[str] = None, label_rows: int = 20_000, seed: int = 0) -> dict:
-    """Every statistic of the data report, plus `flags`: row id -> reasons (for review export)."""
-    from tuneforge.data.clean import encoding_anomalies
-    from tuneforge.data.neardup import NearDuplicates
-    from tuneforge.data.pii import count_pii
+class Flags(dict):
+    """Row id -> {"split", "row", "reasons", "score", ...}: every finding about a row (for review export)."""
 
-    flags: dict[str, dict] = {}
-
-    def flag(row: Row, split: str, reason: str, score: Optional[float] = None, **extra) -> None:
-        entry = flags.setdefault(row.id, {"split": split, "row": row, "reasons": [], "score": None})
+    def __call__(self, row: Row, split: str, reason: str, score: Optional[float] = None, **extra) -> None:
+        entry = self.setdefault(row.id, {"split": split, "row": row, "reasons": [], "score": None})
         if reason not in entry["reasons"]:
             entry["reasons"].append(reason)
         if score is not None:
@@ -71,19 +65,16 @@ def analyse(rows: dict[str, list[Row]], rejects: list, kind: str, tokenizer=None
         for k, v in extra.items():
             entry.setdefault(k, v)  # the first finding (e.g. exact duplicate of X) stays
 
+
+def analyse(rows: dict[str, list[Row]], rejects: list, kind: str, tokenizer=None, max_length: int = 256,
+            near_dup_cfg=None, system_prompt: Optional[str] = None, label_rows: int = 20_000, seed: int = 0) -> dict:
+    """Every statistic of the data report, plus `flags`: row id -> reasons (for review export)."""
+    flags = Flags()
     labelled = kind in ("classification", "pair")
     texts = {s: [row_text(r.fields) for r in rows[s]] for s in rows}
     out: dict = {"kind": kind, "splits": {}, "max_length": max_length}
     for split, items in rows.items():
-        info: dict = {"rows": len(items)}
-        lengths = [len(t) for t in texts[split]]
-        info["chars"] = lengths
-        if labelled:
-            counts: dict[str, int] = {}
-            for r in items:
-                counts[r.fields["label"]] = counts.get(r.fields["label"], 0) + 1
-            info["labels"] = dict(sorted(counts.items()))
-            info["imbalance_ratio"] = round(max(counts.values()) / min(counts.values()), 3) if counts else None
+        info = split_stats(split, items, texts[split], labelled, flags)
         if tokenizer is not None:
             from tuneforge.data.studio import token_counts
 
@@ -91,57 +82,79 @@ def analyse(rows: dict[str, list[Row]], rejects: list, kind: str, tokenizer=None
             info["tokens"] = ntok
             info["truncated"] = sum(n > max_length for n in ntok)
             info["truncated_share"] = round(info["truncated"] / len(ntok), 4) if ntok else 0.0
-        # Exact duplicates inside the split.
-        first: dict[str, str] = {}
-        dup_rows = 0
-        for r, t in zip(items, texts[split]):
-            key = t.strip()
-            if key in first:
-                dup_rows += 1
-                flag(r, split, "exact_duplicate", duplicate_of=first[key])
-            else:
-                first[key] = r.id
-        info["exact_duplicates"] = dup_rows
-        # PII and encoding.
-        pii: dict[str, int] = {}
-        pii_rows = 0
-        anomalies: dict[str, int] = {}
-        for r, t in zip(items, texts[split]):
-            found = count_pii(t)
-            if found:
-                pii_rows += 1
-                flag(r, split, "pii:" + ",".join(sorted(found)))
-                for k, v in found.items():
-                    pii[k] = pii.get(k, 0) + v
-            for a in encoding_anomalies(t):
-                anomalies[a] = anomalies.get(a, 0) + 1
-                flag(r, split, f"encoding:{a}")
-        info["pii"], info["pii_rows"], info["encoding"] = pii, pii_rows, anomalies
-        outliers = _length_outliers(lengths)
-        info["length_outliers"] = len(outliers)
-        for i in outliers:
-            flag(items[i], split, "length_outlier")
-        heavy = [i for i, t in enumerate(texts[split]) if _symbol_heavy(t)]
-        info["symbol_heavy"] = len(heavy)
-        for i in heavy:
-            flag(items[i], split, "symbol_heavy")
-        info["outlier_examples"] = [{"id": items[i].id, "chars": lengths[i], "text": texts[split][i][:200]}
-                                    for i in (outliers + heavy)[:EXAMPLES]]
         out["splits"][split] = info
     out["rejects"] = {}
     for r in rejects:
         k = _reject_kind(r.reason)
         out["rejects"][k] = out["rejects"].get(k, 0) + 1
     out["reject_examples"] = [str(r) for r in rejects[:EXAMPLES]]
-
-    # Near-duplicates over all splits at once: clusters inside a split, and
-    # clusters that straddle train and a held-out split (contamination).
-    order = [(s, i) for s in ("test", "validation", "train") if s in rows for i in range(len(rows[s]))]
     if near_dup_cfg is None:
         from tuneforge.recipe import NearDupConfig
 
         near_dup_cfg = NearDupConfig()
-    nd_cfg = near_dup_cfg
+    out["near_duplicates"], out["contamination"] = near_dup_stats(rows, texts, near_dup_cfg, flags)
+    if labelled and "train" in rows and len(rows["train"]) >= 10:
+        out["label_issues"] = _label_issues(rows["train"], texts["train"], label_rows, seed, flags)
+    out["flags"] = flags
+    return out
+
+
+def split_stats(split: str, items: list[Row], texts: list[str], labelled: bool, flag: Flags) -> dict:
+    """One split's counts: labels, lengths, exact duplicates, PII, encoding anomalies, outliers."""
+    from tuneforge.data.clean import encoding_anomalies
+    from tuneforge.data.pii import count_pii
+
+    lengths = [len(t) for t in texts]
+    info: dict = {"rows": len(items), "chars": lengths}
+    if labelled:
+        counts: dict[str, int] = {}
+        for r in items:
+            counts[r.fields["label"]] = counts.get(r.fields["label"], 0) + 1
+        info["labels"] = dict(sorted(counts.items()))
+        info["imbalance_ratio"] = round(max(counts.values()) / min(counts.values()), 3) if counts else None
+    first: dict[str, str] = {}  # exact duplicates inside the split
+    dup_rows = 0
+    for r, t in zip(items, texts):
+        key = t.strip()
+        if key in first:
+            dup_rows += 1
+            flag(r, split, "exact_duplicate", duplicate_of=first[key])
+        else:
+            first[key] = r.id
+    info["exact_duplicates"] = dup_rows
+    pii: dict[str, int] = {}
+    pii_rows = 0
+    anomalies: dict[str, int] = {}
+    for r, t in zip(items, texts):
+        found = count_pii(t)
+        if found:
+            pii_rows += 1
+            flag(r, split, "pii:" + ",".join(sorted(found)))
+            for k, v in found.items():
+                pii[k] = pii.get(k, 0) + v
+        for a in encoding_anomalies(t):
+            anomalies[a] = anomalies.get(a, 0) + 1
+            flag(r, split, f"encoding:{a}")
+    info["pii"], info["pii_rows"], info["encoding"] = pii, pii_rows, anomalies
+    outliers = _length_outliers(lengths)
+    info["length_outliers"] = len(outliers)
+    for i in outliers:
+        flag(items[i], split, "length_outlier")
+    heavy = [i for i, t in enumerate(texts) if _symbol_heavy(t)]
+    info["symbol_heavy"] = len(heavy)
+    for i in heavy:
+        flag(items[i], split, "symbol_heavy")
+    info["outlier_examples"] = [{"id": items[i].id, "chars": lengths[i], "text": texts[i][:200]}
+                                for i in (outliers + heavy)[:EXAMPLES]]
+    return info
+
+
+def near_dup_stats(rows: dict[str, list[Row]], texts: dict[str, list[str]], nd_cfg, flag: Flags) -> tuple[dict, dict]:
+    """Near-duplicates over all splits at once: clusters inside a split, and
+    clusters that straddle train and a held-out split (contamination)."""
+    from tuneforge.data.neardup import NearDuplicates
+
+    order = [(s, i) for s in ("test", "validation", "train") if s in rows for i in range(len(rows[s]))]
     nd = NearDuplicates(nd_cfg.threshold, nd_cfg.shingle, nd_cfg.ngram, nd_cfg.num_perm).fit(
         [texts[s][i] for s, i in order])
     clusters, contaminated, within = [], 0, {s: 0 for s in rows}
@@ -165,19 +178,14 @@ def analyse(rows: dict[str, list[Row]], rejects: list, kind: str, tokenizer=None
         for s, i in members:  # the first member of each split stays; the rest are near-duplicates of it
             if s not in head:
                 head[s] = i
-            elif "exact_duplicate" not in flags.get(rows[s][i].id, {}).get("reasons", []):
+            elif "exact_duplicate" not in flag.get(rows[s][i].id, {}).get("reasons", []):
                 flag(rows[s][i], s, "near_duplicate", duplicate_of=rows[s][head[s]].id)
         if len(clusters) < EXAMPLES:
             clusters.append(example)
-    out["near_duplicates"] = {"threshold": nd_cfg.threshold, "clusters": len(all_clusters),
-                              "rows_in_clusters": int(sum(len(c) for c in all_clusters)),
-                              "removable_per_split": within, "examples": clusters}
-    out["contamination"] = {"train_rows": contaminated, "examples": contamination_examples}
-
-    if labelled and "train" in rows and len(rows["train"]) >= 10:
-        out["label_issues"] = _label_issues(rows["train"], texts["train"], label_rows, seed, flag)
-    out["flags"] = flags
-    return out
+    near = {"threshold": nd_cfg.threshold, "clusters": len(all_clusters),
+            "rows_in_clusters": int(sum(len(c) for c in all_clusters)),
+            "removable_per_split": within, "examples": clusters}
+    return near, {"train_rows": contaminated, "examples": contamination_examples}
 
 
 def _label_issues(train: list[Row], texts: list[str], limit: int, seed: int, flag) -> dict:
@@ -204,12 +212,12 @@ def _label_issues(train: list[Row], texts: list[str], limit: int, seed: int, fla
 
 
 def _fig_hist(data: dict[str, list[int]], title: str, xlabel: str, limit: Optional[int] = None) -> Optional[bytes]:
-    from tuneforge.report import _plt, _png
+    from tuneforge.reporting import figure_png, pyplot
 
     data = {k: v for k, v in data.items() if v}
     if not data:
         return None
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 3.4))
     top = max(max(v) for v in data.values())
     bins = min(60, max(10, top))
@@ -219,16 +227,16 @@ def _fig_hist(data: dict[str, list[int]], title: str, xlabel: str, limit: Option
         ax.axvline(limit, color="#d62728", ls="--", label=f"max_length {limit}")
     ax.set(title=title, xlabel=xlabel, ylabel="share of rows")
     ax.legend(fontsize=8)
-    return _png(fig)
+    return figure_png(fig)
 
 
 def _fig_labels(splits: dict) -> Optional[bytes]:
-    from tuneforge.report import _plt, _png
+    from tuneforge.reporting import figure_png, pyplot
 
     labelled = {s: v["labels"] for s, v in splits.items() if v.get("labels")}
     if not labelled:
         return None
-    plt = _plt()
+    plt = pyplot()
     labels = sorted({lab for v in labelled.values() for lab in v})[:30]
     fig, ax = plt.subplots(figsize=(6.5, 3.4))
     width = 0.8 / len(labelled)
@@ -239,7 +247,7 @@ def _fig_labels(splits: dict) -> Optional[bytes]:
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(labels))], labels, rotation=30 if len(labels) > 6 else 0)
     ax.set(title="Label distribution per split", ylabel="share of rows")
     ax.legend(fontsize=8)
-    return _png(fig)
+    return figure_png(fig)
 
 
 # ------------------------------------------------------------------ output
@@ -271,7 +279,7 @@ SUMMARY_HEADER = ["split", "rows", "labels", "imbalance (max/min)", "chars media
 
 def write_html(report: dict, path: Path, title: str) -> Path:
     from tuneforge.fsio import atomic_write_text
-    from tuneforge.report import CSS, _html_table
+    from tuneforge.reporting import CSS, html_table
 
     figures = {
         "labels": _fig_labels(report["splits"]),
@@ -288,11 +296,11 @@ def write_html(report: dict, path: Path, title: str) -> Path:
     def section(name: str, body: str) -> None:
         parts.append(f"<h2>{html.escape(name)}</h2>{body}")
 
-    section("Summary", _html_table(SUMMARY_HEADER, summary_rows(report)))
+    section("Summary", html_table(SUMMARY_HEADER, summary_rows(report)))
     if report["rejects"]:
         section("Empty, missing and malformed values",
-                _html_table(["kind", "rows"], [[k, v] for k, v in report["rejects"].items()])
-                + _html_table(["first rejects (file:line: reason)"], [[x] for x in report["reject_examples"]]))
+                html_table(["kind", "rows"], [[k, v] for k, v in report["rejects"].items()])
+                + html_table(["first rejects (file:line: reason)"], [[x] for x in report["reject_examples"]]))
     figs = "".join(f'<figure><img alt="{k}" src="data:image/png;base64,{base64.b64encode(v).decode()}"></figure>'
                    for k, v in figures.items() if v)
     section("Distributions", f"<div class=figs>{figs}</div>")
@@ -300,27 +308,31 @@ def write_html(report: dict, path: Path, title: str) -> Path:
     section("Near-duplicate clusters",
             f"<p class=muted>MinHash LSH, estimated Jaccard &ge; {nd['threshold']}: {nd['clusters']} clusters, "
             f"{nd['rows_in_clusters']} rows.</p>"
-            + "".join(_html_table(["split", "id", "text"], [[m["split"], m["id"], m["text"]] for m in c])
+            + "".join(html_table(["split", "id", "text"], [[m["split"], m["id"], m["text"]] for m in c])
                       for c in nd["examples"]))
     cont = report["contamination"]
     section("Contamination (train rows near-duplicating validation/test rows)",
             f"<p>{cont['train_rows']} training rows.</p>"
-            + "".join(_html_table(["split", "id", "text"], [[m["split"], m["id"], m["text"]] for m in c])
+            + "".join(html_table(["split", "id", "text"], [[m["split"], m["id"], m["text"]] for m in c])
                       for c in cont["examples"]))
     pii_rows = [[s, k, n] for s, v in report["splits"].items() for k, n in v["pii"].items()]
-    section("PII by kind", _html_table(["split", "kind", "count"], pii_rows) if pii_rows else "<p>none found</p>")
+    section("PII by kind", html_table(["split", "kind", "count"], pii_rows) if pii_rows else "<p>none found</p>")
     enc_rows = [[s, k, n] for s, v in report["splits"].items() for k, n in v["encoding"].items()]
-    section("Encoding anomalies", _html_table(["split", "kind", "rows"], enc_rows) if enc_rows else "<p>none</p>")
+    section("Encoding anomalies", html_table(["split", "kind", "rows"], enc_rows) if enc_rows else "<p>none</p>")
     out_rows = [[s, e["id"], e["chars"], e["text"]] for s, v in report["splits"].items() for e in v["outlier_examples"]]
     section("Outliers (length, symbol-heavy)",
-            _html_table(["split", "id", "chars", "text"], out_rows) if out_rows else "<p>none</p>")
+            html_table(["split", "id", "chars", "text"], out_rows) if out_rows else "<p>none</p>")
     li = report.get("label_issues")
     if li:
-        section("Likely label errors (out-of-fold TF-IDF + logistic regression)",
-                f"<p class=muted>{li['scored_rows']} training rows scored in {li['folds']} folds; {li['flagged']} "
-                "where another label is likelier. Score = 1 - p(given label).</p>"
-                + _html_table(["id", "text", "label", "suggested", "score"],
-                              [[x["id"], x["text"], x["label"], x["suggested"], f"{x['score']:.3f}"] for x in li["top"]]))
+        section(
+            "Likely label errors (out-of-fold TF-IDF + logistic regression)",
+            f"<p class=muted>{li['scored_rows']} training rows scored in {li['folds']} folds; {li['flagged']} "
+            "where another label is likelier. Score = 1 - p(given label).</p>"
+            + html_table(
+                ["id", "text", "label", "suggested", "score"],
+                [[x["id"], x["text"], x["label"], x["suggested"], f"{x['score']:.3f}"] for x in li["top"]],
+            ),
+        )
     parts.append("</body></html>")
     atomic_write_text(path, "".join(parts))
     return path
@@ -328,7 +340,7 @@ def write_html(report: dict, path: Path, title: str) -> Path:
 
 def public(report: dict) -> dict:
     """The report without per-row arrays and flag objects (for JSON)."""
-    out = {k: v for k, v in report.items() if k != "flags"}
+    out = {k: v for k, v in report.items() if k not in ("flags", "reject_rows")}
     out["splits"] = {s: {k: v for k, v in info.items() if k not in ("chars", "tokens")}
                      for s, info in report["splits"].items()}
     out["flagged_rows"] = len(report.get("flags", {}))
@@ -342,7 +354,8 @@ def inspect_data(recipe=None, file: Optional[str] = None, model: Optional[str] =
                  max_length: Optional[int] = None, label_rows: int = 20_000, log=lambda m: None) -> dict:
     """Analyse a recipe's data (its splits, carved as prepare carves them) or one file."""
     from tuneforge.data.formats import resolve_kind
-    from tuneforge.data.studio import _carve_rows, load_rows, load_tokenizer
+    from tuneforge.data.load import DataError
+    from tuneforge.data.studio import carve_missing, load_rows, load_tokenizer, same_file_splits
 
     if recipe is not None:
         cfg, task, seed = recipe.data, recipe.task, recipe.train.seed
@@ -358,19 +371,16 @@ def inspect_data(recipe=None, file: Optional[str] = None, model: Optional[str] =
     kind, kcfg, why = resolve_kind(cfg, task)
     log(f"data kind: {why}")
     loaded, files, rejects, _ = load_rows(kcfg, kind)
+    try:
+        _, warnings = same_file_splits(files)
+    except DataError as exc:  # train shares a file with a held-out split: prepare refuses, inspect reports
+        warnings = [str(exc)]
+    for warning in warnings:
+        log(f"[yellow]warning: {warning}")
     rows = dict(loaded)
     if recipe is not None:
-        labelled = kind in ("classification", "pair")
-        pairs = [(r.id, r.fields) for r in rows["train"]]
-        total = len(pairs)
-        for split, fraction, s in (("test", cfg.split[2], seed), ("validation", None, seed + 1)):
-            if split in files:
-                continue
-            if fraction is None:
-                fraction = cfg.split[1] * total / max(len(pairs), 1)
-            keep, out = _carve_rows(pairs, fraction, s, stratify=labelled)
-            pairs, rows[split] = keep, [Row(i, f) for i, f in out]
-        rows["train"] = [Row(i, f) for i, f in pairs]
+        # The splits prepare would carve, the same way (no warnings: inspect reports what it finds).
+        rows = carve_missing(rows, files, cfg, seed, kind in ("classification", "pair"), lambda message: None)
         # Back into file order, so "first" (of duplicates, of clusters) means first in the file.
         position = {r.id: k for k, r in enumerate(loaded["train"])}
         rows = {s: sorted(rows[s], key=lambda r: position.get(r.id, -1))
@@ -383,5 +393,6 @@ def inspect_data(recipe=None, file: Optional[str] = None, model: Optional[str] =
             log(f"[yellow]token lengths skipped: cannot load the tokenizer of {model}: {exc}")
     report = analyse(rows, rejects, kind, tokenizer, max_length, cfg.near_dup, cfg.system_prompt, label_rows, seed)
     report.update(source=source, kind_detail=why, tokenizer=model if tokenizer is not None else None,
-                  files={s: {k: v for k, v in f.items()} for s, f in files.items()})
+                  files={s: {k: v for k, v in f.items()} for s, f in files.items()}, reject_rows=rejects,
+                  warnings=warnings)
     return report

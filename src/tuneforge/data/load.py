@@ -1,27 +1,32 @@
 """Read CSV/TSV/JSON/JSONL/Parquet into task examples, keeping every row's line.
 
 Every malformed row becomes a `Reject` with `file:line: reason`; nothing is
-dropped silently. Problems with a whole file (missing, not JSON, missing a
-column) raise `DataError` at once, since no row of it could be used.
+dropped silently (blank lines, text holding a NUL character and broken records
+of a JSON array included). Problems with a whole file (missing, a directory, a
+symlink loop, unreadable, not UTF-8, not JSON, missing a column) raise
+`DataError` at once, since no row of it could be used.
 """
 
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import json
-import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Optional
+
+from tuneforge.data.fields import has_bad_utf8, task_columns, task_fields
 
 csv.field_size_limit(1 << 26)
 
 SUFFIX_FORMATS = {".csv": "csv", ".tsv": "tsv", ".txt": "tsv", ".json": "json", ".jsonl": "jsonl",
                   ".ndjson": "jsonl", ".parquet": "parquet", ".pq": "parquet"}
-ROLES = ("system", "user", "assistant")
-SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "bot": "assistant",
-                  "chatgpt": "assistant", "system": "system"}
+
+
+NOT_UTF8_HINT = "the file is probably in another encoding (Latin-1, Windows-1252?): re-save it as UTF-8"
 
 
 class DataError(Exception):
@@ -67,19 +72,69 @@ def detect_format(path: Path, fmt: str) -> str:
         ) from None
 
 
+# --------------------------------------------------------------- the file
+
+
+def path_problem(path) -> Optional[str]:
+    """Why `path` cannot be read as a data file ("not found", "is a directory,
+    not a file", ...), or None when it can."""
+    try:
+        with open(path, "rb") as fh:
+            fh.read(0)
+    except IsADirectoryError:
+        return "is a directory, not a file"
+    except FileNotFoundError:
+        return "not found" if not os.path.islink(path) else "is a symlink to a missing file"
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "is a symlink loop (it links, directly or not, to itself)"
+        return f"cannot be read: {exc.strerror or exc}"
+    return None
+
+
+def check_file(path) -> None:
+    """Raise DataError unless `path` is a readable file."""
+    problem = path_problem(path)
+    if problem is not None:
+        raise DataError(f"{path}: {problem}.")
+
+
+_ENCODINGS = ((b"\x00\x00\xfe\xff", "UTF-32"), (b"\xff\xfe\x00\x00", "UTF-32"), (b"\xfe\xff", "UTF-16"),
+              (b"\xff\xfe", "UTF-16"))
+_COMPRESSED = ((b"\x1f\x8b", "gzip-compressed"), (b"PK\x03\x04", "a zip archive"), (b"BZh", "bzip2-compressed"),
+               (b"\xfd7zXZ", "xz-compressed"))
+
+
+def _check_text_file(path: Path, head: bytes) -> None:
+    """A whole file in another encoding, or compressed, is one error, not a reject per row."""
+    for magic, name in _ENCODINGS:
+        if head.startswith(magic):
+            raise DataError(f"{path}: the file is {name} (byte-order mark {magic.hex(' ').upper()}); tuneforge reads "
+                            f"UTF-8: re-save it as UTF-8 (e.g. iconv -f {name} -t UTF-8).")
+    for magic, name in _COMPRESSED:
+        if head.startswith(magic):
+            raise DataError(f"{path}: the file is {name}, not text; decompress it first.")
+    sample = head[:4096]
+    if sample and sample.count(0) > len(sample) // 4:
+        raise DataError(f"{path}: the file is mostly NUL bytes: UTF-16/UTF-32 without a byte-order mark, or binary. "
+                        "tuneforge reads UTF-8 text: re-save it as UTF-8.")
+
+
+def _read_text(path: Path) -> str:
+    """The whole file as text: invalid UTF-8 bytes survive as lone surrogates
+    (so each row holding one is rejected, not the file), a UTF-8 BOM is dropped."""
+    raw = path.read_bytes()
+    _check_text_file(path, raw[:4096])
+    text = raw.decode("utf-8", errors="surrogateescape")
+    return text[1:] if text.startswith("\ufeff") else text
+
+
 # ------------------------------------------------------------------ readers
 # Each yields (line, record | None, error | None).
 
 
-def _has_bad_utf8(value: Any) -> bool:
-    # Undecodable bytes survive as lone surrogates under errors="surrogateescape".
-    return isinstance(value, str) and any("\udc80" <= ch <= "\udcff" for ch in value)
-
-
 def _read_delimited(path: Path, delimiter: str, columns: Optional[list[str]]) -> Iterator[tuple]:
-    text = path.read_bytes().decode("utf-8", errors="surrogateescape")
-    if text.startswith("\ufeff"):
-        text = text[1:]
+    text = _read_text(path)
     # TSV files in the wild (GLUE, UCI) use no quoting: a stray quote is text.
     quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, quoting=quoting, strict=True)
@@ -95,19 +150,22 @@ def _read_delimited(path: Path, delimiter: str, columns: Optional[list[str]]) ->
             start = reader.line_num + 1
             continue
         line, start = start, reader.line_num + 1
-        if header is None:
-            header = [h.strip() for h in row]
-            if len(set(header)) != len(header):
-                raise DataError(f"{path}:{line}: the header repeats a column name: {header}")
-            continue
         if not row or (len(row) == 1 and row[0] == ""):
             yield line, None, "empty line"
+            continue
+        if header is None:
+            header = [h.strip() for h in row]
+            if any(has_bad_utf8(h) for h in header):
+                raise DataError(f"{path}:{line}: the header is not valid UTF-8; {NOT_UTF8_HINT} "
+                                "(e.g. iconv -f CP1252 -t UTF-8).")
+            if len(set(header)) != len(header):
+                raise DataError(f"{path}:{line}: the header repeats a column name: {header}")
             continue
         if len(row) != len(header):
             yield line, None, f"expected {len(header)} fields ({', '.join(header)}), got {len(row)}"
             continue
         record = dict(zip(header, row))
-        if any(_has_bad_utf8(v) for v in record.values()):
+        if any(has_bad_utf8(v) for v in record.values()):
             yield line, None, "invalid UTF-8"
             continue
         yield line, record, None
@@ -115,9 +173,14 @@ def _read_delimited(path: Path, delimiter: str, columns: Optional[list[str]]) ->
 
 def _read_jsonl(path: Path) -> Iterator[tuple]:
     with open(path, "rb") as fh:
+        _check_text_file(path, fh.read(4096))
+        fh.seek(0)
         for line_no, raw in enumerate(fh, 1):
+            if line_no == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]  # a UTF-8 byte-order mark, as the CSV reader drops it
             if not raw.strip():
-                continue  # blank lines are layout in JSONL, not rows
+                yield line_no, None, "empty line"  # counted and reported, as CSV does
+                continue
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError:
@@ -134,50 +197,89 @@ def _read_jsonl(path: Path) -> Iterator[tuple]:
             yield line_no, record, None
 
 
+def _element_end(text: str, pos: int) -> tuple[int, bool]:
+    """Where a broken array element that starts at `pos` ends: at the ',' or ']'
+    that closes it at its own depth (False), or at the '{' opening the next
+    record when a brace was never closed (True: a '{' directly inside an object
+    and not after ':' cannot be a value). A string ends at its closing quote or
+    at the end of its line (JSON strings hold no raw newline), so a lost quote
+    confuses one line, not the rest of the file."""
+    stack: list[str] = []
+    prev, i, n = "", pos, len(text)
+    while i < n:
+        ch = text[i]
+        if ch == '"':
+            j = i + 1
+            while j < n and text[j] not in '"\n':
+                j += 2 if text[j] == "\\" else 1
+            i, prev = (j + 1 if j < n and text[j] == '"' else j), '"'
+            continue
+        if ch == "{" and stack == ["{"] and prev != ":":
+            return i, True
+        if ch in "{[":
+            stack.append(ch)
+        elif ch in "}]":
+            if stack:
+                stack.pop()
+            elif ch == "]":
+                return i, False
+        elif ch == "," and not stack:
+            return i, False
+        if not ch.isspace():
+            prev = ch
+        i += 1
+    return n, False
+
+
+def _json_error(exc: json.JSONDecodeError, line: int) -> str:
+    where = f"column {exc.colno}" if exc.lineno == line else f"line {exc.lineno}, column {exc.colno}"
+    return f"unparsable JSON: {exc.msg} ({where})"
+
+
+def _skip_space(text: str, pos: int) -> int:
+    while pos < len(text) and text[pos] in " \t\r\n":
+        pos += 1
+    return pos
+
+
 def _read_json(path: Path) -> Iterator[tuple]:
-    """A JSON array of objects; each element reports the line where it starts."""
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = raw[: exc.start].count(b"\n") + 1
-        raise DataError(f"{path}:{line}: invalid UTF-8; a JSON file must be valid UTF-8 throughout.") from None
-    decoder = json.JSONDecoder()
-    pos = len(text) - len(text.lstrip())
+    """A JSON array of objects; each element reports the line where it starts.
+    A broken element is rejected on its own and reading goes on after it; a
+    trailing comma before ']' is tolerated (no row hides in it)."""
+    text = _read_text(path)
+    pos = _skip_space(text, 0)
     if not text[pos:pos + 1] == "[":
         if text[pos:pos + 1] == "{":
             raise DataError(f"{path}:1: expected a JSON array of records; for one object per line use .jsonl.")
         raise DataError(f"{path}:1: expected a JSON array of records.")
-    pos += 1
-    line, counted = 1, 0
-
-    def skip(p: int) -> int:
-        while p < len(text) and text[p] in " \t\r\n":
-            p += 1
-        return p
-
-    pos = skip(pos)
-    if text[pos:pos + 1] == "]":
-        return
-    while True:
+    decoder = json.JSONDecoder()
+    pos = _skip_space(text, pos + 1)
+    line, counted, no_comma = 1, 0, False
+    while pos < len(text) and text[pos] != "]":
         line += text.count("\n", counted, pos)
         counted = pos
         try:
             record, end = decoder.raw_decode(text, pos)
         except json.JSONDecodeError as exc:
-            raise DataError(f"{path}:{exc.lineno}: unparsable JSON: {exc.msg} (column {exc.colno}).") from None
-        if isinstance(record, dict):
-            yield line, record, None
+            end, at_record = _element_end(text, pos)
+            yield line, None, _json_error(exc, line)
+            pos, no_comma = _skip_space(text, end), False
+            if at_record:
+                continue
         else:
-            yield line, None, f"expected a JSON object, got {type(record).__name__}"
-        pos = skip(end)
+            if no_comma:
+                yield line, None, "unparsable JSON: no ',' between this record and the one before"
+            elif has_bad_utf8(text[pos:end]):
+                yield line, None, "invalid UTF-8"
+            elif isinstance(record, dict):
+                yield line, record, None
+            else:
+                yield line, None, f"expected a JSON object, got {type(record).__name__}"
+            pos, no_comma = _skip_space(text, end), False
         if text[pos:pos + 1] == ",":
-            pos = skip(pos + 1)
-            continue
-        if text[pos:pos + 1] == "]":
-            return
-        bad_line = text.count("\n", 0, pos) + 1
-        raise DataError(f"{path}:{bad_line}: unparsable JSON: expected ',' or ']' between records.")
+            pos = _skip_space(text, pos + 1)
+        elif text[pos:pos + 1] not in ("]", ""):
+            no_comma = True
 
 
 def _read_parquet(path: Path) -> Iterator[tuple]:
@@ -193,92 +295,70 @@ def _read_parquet(path: Path) -> Iterator[tuple]:
 
 
 def read_records(path: Path, fmt: str = "auto", columns: Optional[list[str]] = None) -> Iterator[tuple]:
+    """(line, record | None, error | None) for every row of the file. Raises
+    DataError (never OSError) when the file as a whole cannot be read."""
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: file not found.")
+    check_file(path)
     fmt = detect_format(path, fmt)
     if fmt in ("csv", "tsv"):
-        return _read_delimited(path, "," if fmt == "csv" else "\t", columns)
-    if fmt == "jsonl":
-        return _read_jsonl(path)
-    if fmt == "json":
-        return _read_json(path)
-    return _read_parquet(path)
+        rows = _read_delimited(path, "," if fmt == "csv" else "\t", columns)
+    elif fmt == "jsonl":
+        rows = _read_jsonl(path)
+    elif fmt == "json":
+        rows = _read_json(path)
+    else:
+        rows = _read_parquet(path)
+    return _os_errors_as_data_errors(path, rows)
+
+
+def _os_errors_as_data_errors(path: Path, rows: Iterator[tuple]) -> Iterator[tuple]:
+    try:
+        yield from rows
+    except OSError as exc:  # the file changed under us, or a read failed half-way
+        raise DataError(f"{path}: cannot be read: {exc.strerror or exc}.") from None
+
+
+def no_rows_reason(path, fmt: str = "auto") -> str:
+    """Why a file that yielded no record at all has none, in words that fit it."""
+    path = Path(path)
+    fmt = detect_format(path, fmt)
+    if fmt == "parquet":
+        return "the Parquet file has no rows"
+    text = path.read_bytes().decode("utf-8", errors="replace").lstrip("\ufeff")
+    if not text.strip():
+        return "the file is empty"
+    if fmt in ("csv", "tsv"):
+        return "the file has a header but no rows"
+    return "the JSON array is empty" if fmt == "json" else "the file has no rows"
+
+
+def nul_field(record: dict, columns: list[str]) -> Optional[str]:
+    """The first of `columns` whose value holds a NUL character (nested lists
+    and objects, e.g. chat messages, included), or None."""
+    def has_nul(value: Any) -> bool:
+        if isinstance(value, str):
+            return "\x00" in value
+        if isinstance(value, dict):
+            return any(has_nul(v) for v in value.values())
+        if isinstance(value, list):
+            return any(has_nul(v) for v in value)
+        return False
+
+    return next((c for c in columns if has_nul(record.get(c))), None)
 
 
 # --------------------------------------------------------------- validation
 
 
-def _text(record: dict, key: str) -> tuple[Optional[str], Optional[str]]:
-    if key not in record:
-        return None, f"missing field '{key}'"
-    value = record[key]
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return None, f"missing value in field '{key}'"
-    if not isinstance(value, str):
-        return None, f"field '{key}' must be text, got {type(value).__name__}"
-    if _has_bad_utf8(value):
-        return None, "invalid UTF-8"
-    if not value.strip():
-        return None, f"empty text in field '{key}'"
-    return value, None
-
-
-def _label(record: dict, key: str) -> tuple[Optional[str], Optional[str]]:
-    """Labels may be strings or integers; they are compared as their text form."""
-    if key not in record:
-        return None, f"missing field '{key}'"
-    value = record[key]
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return None, f"missing value in field '{key}'"
-    if isinstance(value, bool):
-        value = int(value)
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    if isinstance(value, int):
-        return str(value), None
-    if isinstance(value, str) and value.strip():
-        return value.strip(), None
-    return None, f"field '{key}' must be a string or integer label, got {type(value).__name__} {value!r}"
-
-
-def _messages(record: dict, key: str) -> tuple[Optional[list], Optional[str]]:
-    if key not in record:
-        return None, f"missing field '{key}'"
-    value = record[key]
-    if isinstance(value, str):  # JSON text inside a CSV cell
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError:
-            return None, f"field '{key}' is text but not a JSON list of messages"
-    if not isinstance(value, list) or not value:
-        return None, f"field '{key}' must be a non-empty list of {{role, content}} messages"
-    out = []
-    for i, msg in enumerate(value):
-        if isinstance(msg, dict) and "from" in msg and "value" in msg and "role" not in msg:
-            # ShareGPT: {from: human|gpt|system, value}
-            msg = {"role": SHAREGPT_ROLES.get(msg["from"], msg["from"]), "content": msg["value"]}
-        if not isinstance(msg, dict) or "role" not in msg or "content" not in msg:
-            return None, f"message {i} must be an object with 'role' and 'content' (or ShareGPT 'from' and 'value')"
-        if msg["role"] not in ROLES:
-            return None, f"message {i} has unknown role {msg['role']!r} (allowed: {', '.join(ROLES)})"
-        if not isinstance(msg["content"], str) or not msg["content"].strip():
-            return None, f"message {i} has empty or non-text content"
-        out.append({"role": msg["role"], "content": msg["content"]})
-    if not any(m["role"] == "assistant" for m in out):
-        return None, "no assistant message: nothing to learn from"
-    return out, None
-
-
-def _template_fields(template: str) -> list[str]:
-    import string
-
-    return [name for _, name, _, _ in string.Formatter().parse(template) if name]
-
-
 def to_example(record: dict, task: str, cfg) -> tuple[Optional[dict], Optional[str]]:
-    """Map a raw record to the task's fields plus data.keep_columns, or say why it cannot be used."""
-    example, err = _task_fields(record, task, cfg)
+    """Map a raw record to the task's fields plus data.keep_columns, or say why it cannot be used.
+    A NUL character is refused: tokenizers and C libraries treat it as the end
+    of the text, so what the model saw would differ from what the file says."""
+    columns = _columns_needed(task, cfg) + ([cfg.prompt_column] if task == "preference" else [])
+    bad = nul_field(record, columns)
+    if bad is not None:
+        return None, f"NUL character (\\x00) in field '{bad}'"
+    example, err = task_fields(record, task, cfg)
     if err:
         return None, err
     for name in getattr(cfg, "keep_columns", None) or []:
@@ -289,60 +369,8 @@ def to_example(record: dict, task: str, cfg) -> tuple[Optional[dict], Optional[s
     return example, None
 
 
-def _task_fields(record: dict, task: str, cfg) -> tuple[Optional[dict], Optional[str]]:
-    if task in ("pair", "text", "preference"):
-        from tuneforge.data.formats import kind_fields
-
-        return kind_fields(record, task, cfg)
-    if task == "classification":
-        text, err = _text(record, cfg.text_column)
-        if err:
-            return None, err
-        label, err = _label(record, cfg.label_column)
-        if err:
-            return None, err
-        return {"text": text, "label": label}, None
-    if cfg.messages_column:
-        messages, err = _messages(record, cfg.messages_column)
-        return ({"messages": messages}, None) if not err else (None, err)
-    if cfg.prompt_template:
-        values = {}
-        for name in _template_fields(cfg.prompt_template):
-            if name not in record:
-                return None, f"missing field '{name}' (used by data.prompt_template)"
-            value = record[name]
-            values[name] = "" if value is None else str(value)
-        prompt = cfg.prompt_template.format(**values).strip()
-        # Alpaca-style optional inputs leave blank separators behind; squeeze them.
-        while "\n\n\n" in prompt:
-            prompt = prompt.replace("\n\n\n", "\n\n")
-        if not prompt:
-            return None, "empty prompt after applying data.prompt_template"
-    else:
-        prompt, err = _text(record, cfg.prompt_column)
-        if err:
-            return None, err
-    response, err = _text(record, cfg.response_column)
-    if err:
-        return None, err
-    return {"prompt": prompt, "response": response}, None
-
-
 def _columns_needed(task: str, cfg) -> list[str]:
-    return _task_columns(task, cfg) + list(getattr(cfg, "keep_columns", None) or [])
-
-
-def _task_columns(task: str, cfg) -> list[str]:
-    if task in ("pair", "text", "preference"):
-        from tuneforge.data.formats import kind_columns
-
-        return kind_columns(task, cfg)
-    if task == "classification":
-        return [cfg.text_column, cfg.label_column]
-    if cfg.messages_column:
-        return [cfg.messages_column]
-    prompt_cols = _template_fields(cfg.prompt_template) if cfg.prompt_template else [cfg.prompt_column]
-    return prompt_cols + [cfg.response_column]
+    return task_columns(task, cfg) + list(getattr(cfg, "keep_columns", None) or [])
 
 
 def load_file(path: str, task: str, cfg, allowed_labels: Optional[set[str]] = None) -> LoadedFile:

@@ -1,14 +1,18 @@
 """Personal data: find e-mails, payment cards, IP addresses and phone numbers,
 validated to keep false positives down, and mask them with typed placeholders.
 
-Validation: cards must pass the Luhn check, IPv4 octets must be <= 255, phones
-need 9-15 digits and must not look like a date. Kinds are matched in a fixed
-priority (email, card, ip, phone) and never overlap, so a card number is never
-also counted as a phone.
+Validation: cards must pass the Luhn check; IPv4 octets must be <= 255 and IPv6
+candidates must parse as addresses (Python's `ipaddress`) and hold a digit;
+phones are found and checked by libphonenumber (the `phonenumbers` package):
+international numbers (+country code) of every country, national formats as
+North American or UK numbers (PHONE_REGIONS), with 9-15 digits and not a date.
+Kinds are matched in a fixed priority (email, card, ip, phone) and never
+overlap, so a card number is never also counted as a phone.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import re
 
 KINDS = ("email", "card", "ip", "phone")
@@ -17,10 +21,11 @@ PLACEHOLDER = {"email": "<EMAIL>", "card": "<CARD>", "ip": "<IP>", "phone": "<PH
 _EMAIL = re.compile(r"(?<![\w.+-])[A-Za-z0-9][A-Za-z0-9._%+-]*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b")
 _CARD = re.compile(r"(?<![\d-])\d(?:[ -]?\d){12,18}(?![\d-])")
 _IP = re.compile(r"(?<![\d.])(?:\d{1,3}\.){3}\d{1,3}(?![\d.]|\.\d)")
-_PHONE = re.compile(
-    r"(?<![\w+])(?:\+\d{1,3}[ .-]?)?(?:\(\d{1,4}\)[ .-]?)?\d{2,4}(?:[ .-]\d{2,4}){1,4}(?!\w)"
-    r"|(?<![\w+])\+?\d{9,15}(?!\w)"
-)
+# IPv6: hex groups and colons, '::' for a run of zero groups, optionally an IPv4 tail.
+_IPV6 = re.compile(r"(?<![\w:.])(?:[0-9A-Fa-f]{0,4}:){2,7}(?:[0-9A-Fa-f]{1,4}|(?:\d{1,3}\.){3}\d{1,3})?(?![\w:]|\.\w)")
+# National (no +country code) numbers are read as numbers of these regions;
+# international ones are recognised for every country whatever the list says.
+PHONE_REGIONS = ("US", "GB")
 _DATE = re.compile(r"^\d{4}[-./]\d{1,2}[-./]\d{1,2}$|^\d{1,2}[-./]\d{1,2}[-./]\d{4}$")
 
 
@@ -41,6 +46,12 @@ def _valid(kind: str, value: str) -> bool:
         digits = re.sub(r"\D", "", value)
         return 13 <= len(digits) <= 19 and len(set(digits)) > 1 and luhn_valid(digits)
     if kind == "ip":
+        if ":" in value:
+            try:
+                ipaddress.IPv6Address(value)
+            except ValueError:
+                return False
+            return any(c.isdigit() for c in value)  # 'dead::beef' is an address, but rarely one in text
         return all(int(part) <= 255 for part in value.split("."))
     if kind == "phone":
         digits = re.sub(r"\D", "", value)
@@ -48,7 +59,26 @@ def _valid(kind: str, value: str) -> bool:
     return True
 
 
-_PATTERNS = {"email": _EMAIL, "card": _CARD, "ip": _IP, "phone": _PHONE}
+def _spans(kind: str, text: str):
+    """Candidate (start, end) spans of one kind, before validation."""
+    if kind == "phone":
+        import phonenumbers
+
+        for region in PHONE_REGIONS:
+            for m in phonenumbers.PhoneNumberMatcher(text, region, leniency=phonenumbers.Leniency.POSSIBLE):
+                raw = m.raw_string
+                start = m.start + len(raw) - len(raw.lstrip())
+                yield start, start + len(raw.strip())
+        return
+    if kind == "ip":
+        if ":" in text:  # first, so an IPv4 tail (::ffff:192.0.2.1) stays part of its IPv6 address
+            yield from (m.span() for m in _IPV6.finditer(text))
+        yield from (m.span() for m in _IP.finditer(text))
+        return
+    yield from (m.span() for m in _PATTERNS[kind].finditer(text))
+
+
+_PATTERNS = {"email": _EMAIL, "card": _CARD}
 
 
 def find_pii(text: str) -> list[tuple[str, int, int]]:
@@ -60,9 +90,8 @@ def find_pii(text: str) -> list[tuple[str, int, int]]:
             break
         if kind == "email" and "@" not in text:
             continue
-        for m in _PATTERNS[kind].finditer(text):
-            s, e = m.span()
-            if any(s < te and ts < e for ts, te in taken) or not _valid(kind, m.group()):
+        for s, e in _spans(kind, text):
+            if any(s < te and ts < e for ts, te in taken) or not _valid(kind, text[s:e]):
                 continue
             taken.append((s, e))
             found.append((kind, s, e))

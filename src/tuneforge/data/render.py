@@ -22,7 +22,8 @@ class Rendered:
 
     @property
     def n_target(self) -> int:
-        return sum(1 for x in self.labels if x != IGNORE)
+        # Positions the loss scores: the first token has no context and is never predicted.
+        return sum(1 for x in self.labels[1:] if x != IGNORE)
 
 
 def to_messages(fields: dict, system_prompt: Optional[str]) -> list[dict]:

@@ -6,6 +6,10 @@ Every step reports `{"step", "in", "out", "removed": {reason: n}}` (plus
 result is cached under TUNEFORGE_HOME/prepared/<key>/ where the key is a
 sha256 of the input files, the data settings, the tokenizer files and the
 term lists, so a re-run with unchanged inputs reads Parquet and skips the work.
+
+Held-out files win de-duplication ties (the train copy goes); one file given as
+both validation and test keeps every row in both, with a warning. A split given
+as a file and left empty is an error; one that data.split sets to 0 is a warning.
 """
 
 from __future__ import annotations
@@ -16,11 +20,11 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Collection, Optional, Sequence
 
 from tuneforge.data.formats import loader_task, map_texts, resolve_kind, row_text
-from tuneforge.data.load import DataError, Reject, load_file
-from tuneforge.data.prepare import InvalidRows, Splits, _sort_labels, example_key
+from tuneforge.data.load import DataError, Reject, check_file, load_file, no_rows_reason
+from tuneforge.data.splits import InvalidRows, Splits, example_key, sort_labels
 from tuneforge.fsio import atomic_dir, atomic_write_json, is_complete, sha256_file
 
 PIPELINE_VERSION = "1"  # bump when a step's behaviour changes, so old caches are not trusted
@@ -152,28 +156,35 @@ def pii_rows(rows: dict[str, list[Row]], actions: dict[str, str]) -> tuple[dict,
     return out, removed, changed
 
 
-def exact_dedup(rows: dict[str, list[Row]]) -> tuple[dict, dict]:
-    seen: set = set()
+def exact_dedup(rows: dict[str, list[Row]], twins: Collection[str] = ()) -> tuple[dict, dict]:
+    """Drop every row whose example repeats one seen before, in priority order
+    (test, validation, train). Splits named in `twins` come from one file (the
+    same file as validation and test): a row there is not a duplicate of its own
+    copy in the twin split, so both keep it."""
+    seen: dict[str, str] = {}  # example key -> the split that holds it first
     out, removed = {}, {}
     for split in PRIORITY:
         if split not in rows:
             continue
-        kept, dropped = [], 0
+        kept, dropped, here = [], 0, set()
         for row in rows[split]:
             key = example_key(row.fields)
-            if key in seen:
+            holder = seen.get(key)
+            if key in here or (holder is not None and not (split in twins and holder in twins)):
                 dropped += 1
                 continue
-            seen.add(key)
+            here.add(key)
+            seen.setdefault(key, split)
             kept.append(row)
         out[split], removed[split] = kept, {"duplicate": dropped}
     return {s: out[s] for s in rows}, removed
 
 
-def near_dedup(rows: dict[str, list[Row]], cfg) -> tuple[dict, dict, list]:
+def near_dedup(rows: dict[str, list[Row]], cfg, twins: Collection[str] = ()) -> tuple[dict, dict, list]:
     """In each cluster keep the member of the highest-priority split (test, then
     validation, then train), earliest first; drop the rest as near_duplicate
-    (same split) or contamination (another split)."""
+    (same split) or contamination (another split). Twin splits (one file, see
+    exact_dedup) each keep their own first member."""
     from tuneforge.data.neardup import NearDuplicates
 
     order = [(split, i) for split in PRIORITY if split in rows for i in range(len(rows[split]))]
@@ -182,10 +193,15 @@ def near_dedup(rows: dict[str, list[Row]], cfg) -> tuple[dict, dict, list]:
     drop: dict[tuple, str] = {}
     examples = []
     for cluster in nd.clusters():
-        keeper = order[cluster[0]]  # `order` is priority-sorted, so the first member wins
-        for member in cluster[1:]:
+        keepers: set[str] = set()  # `order` is priority-sorted, so the first member wins
+        for member in cluster:
             split, i = order[member]
-            drop[(split, i)] = "near_duplicate" if split == keeper[0] else "contamination"
+            if split in keepers:
+                drop[(split, i)] = "near_duplicate"
+            elif keepers and not (split in twins and keepers <= set(twins)):
+                drop[(split, i)] = "contamination"
+            else:
+                keepers.add(split)
         if len(examples) < 20:
             examples.append([{"split": order[m][0], "id": rows[order[m][0]][order[m][1]].id, "text": texts[m][:200]}
                              for m in cluster[:5]])
@@ -488,6 +504,9 @@ def load_rows(kind_cfg, kind: str) -> tuple[dict[str, list[Row]], dict, list[Rej
     for split in ("validation", "test"):
         if split in paths:
             loaded[split] = load_file(paths[split], task, cfg, allowed)
+    for f in loaded.values():
+        if not f.read:
+            raise DataError(f"{f.path}: {no_rows_reason(f.path, cfg.format)}; there is nothing to prepare or train on.")
     rows = {s: [Row(i, ex.fields) for i, ex in zip(_row_ids(names[s], f.examples), f.examples)]
             for s, f in loaded.items()}
     info = {s: {"path": f.path, "sha256": sha256_file(Path(f.path)), "read": f.read, "rejected": len(f.rejects)}
@@ -496,27 +515,192 @@ def load_rows(kind_cfg, kind: str) -> tuple[dict[str, list[Row]], dict, list[Rej
     return rows, info, rejects, allowed
 
 
+def same_file_splits(files: dict) -> tuple[set[str], list[str]]:
+    """Splits given the same file (by content): (twin splits to keep whole,
+    warnings). The same file as validation and test is allowed, and both keep
+    every row (GLUE-style data hides its test labels, so dev serves as both);
+    train sharing a file with a held-out split would lose every training row
+    to de-duplication, so that is an error."""
+    by_sha: dict[str, list[str]] = {}
+    for split in SPLITS:
+        if split in files:
+            by_sha.setdefault(files[split]["sha256"], []).append(split)
+    twins: set[str] = set()
+    warnings = []
+    for splits in by_sha.values():
+        if len(splits) < 2:
+            continue
+        if "train" in splits:
+            other = next(s for s in splits if s != "train")
+            raise DataError(f"data.train and data.{other} are the same file ({files[other]['path']}): every training "
+                            f"row would be removed as a copy of a {other} row. Give a separate {other} file, or "
+                            f"leave data.{other} out to carve it from train.")
+        twins.update(splits)
+        warnings.append(f"data.validation and data.test are the same file ({files['test']['path']}): both keep all "
+                        "its rows, but test scores are optimistic, since validation also picked the checkpoint. "
+                        "Give a separate test file for an unbiased estimate.")
+    return twins, warnings
+
+
+def _removed_in(steps: list[dict], split: str) -> dict[str, int]:
+    """Rows of `split` removed by every step after loading, by reason."""
+    out: dict[str, int] = {}
+    for st in steps[1:]:
+        for k, v in st.get("by_split", {}).get(split, {}).get("removed", {}).items():
+            out[k] = out.get(k, 0) + v
+    return out
+
+
+def _check_given_splits(rows: dict[str, list[Row]], files: dict, steps: list[dict]) -> None:
+    """A split given as a file that preparation left empty is an error that says
+    where its rows went: a held-out split without rows cannot be scored (and
+    would crash every encoder), and an empty train split has nothing to learn."""
+    for split in SPLITS:
+        if split not in files or rows[split]:
+            continue
+        f = files[split]
+        why = {"malformed": f["rejected"], **_removed_in(steps, split)}
+        where = ", ".join(f"{k} {v}" for k, v in why.items() if v) or "none"
+        hint = ("Fix the rows, or check data.on_invalid, data.clean and data.near_dup." if split == "train" else
+                f"Give a file with rows of its own, or leave data.{split} out to carve it from train.")
+        raise DataError(f"data.{split} ({f['path']}): no rows left after preparation ({f['read']} read; removed: "
+                        f"{where}). {hint}")
+
+
+def _file_books(files: dict, steps: list[dict], rows: dict[str, list[Row]]) -> None:
+    """Per file: read = kept + rejected + duplicates_removed + sum(removed),
+    where removed counts every later step's removals by reason (cleaning, PII,
+    near-dup, contamination, review drops, max_rows, undersampling) and kept is
+    the file's rows in the prepared splits (train's include the splits carved
+    from it). Copies made from its rows (oversampling, augmentation) are `added`."""
+    carved = [s for s in ("validation", "test") if s not in files]
+    for split, f in files.items():
+        removed = _removed_in(steps, split)
+        added = sum(st.get("by_split", {}).get(split, {}).get("added", 0) for st in steps[1:])
+        f["duplicates_removed"] = removed.pop("duplicate", 0)
+        f["removed"] = removed
+        f["kept"] = len(rows[split]) - added + (sum(len(rows[c]) for c in carved) if split == "train" else 0)
+        if added:
+            f["added"] = added
+
+
+def carve_missing(rows: dict[str, list[Row]], files: dict, cfg, seed: int, labelled: bool,
+                   warn: Callable[[str], None]) -> dict[str, list[Row]]:
+    """Carve the splits without a file out of train (70/15/15 of what it holds,
+    stratified by label); a part data.split sets to 0 stays empty, with a warning."""
+    train = rows["train"]
+    total = len(train)
+    held = {s: rows.get(s, []) for s in ("validation", "test")}
+    pairs = [(r.id, r.fields) for r in train]
+    for split, fraction, s in (("test", cfg.split[2], seed), ("validation", None, seed + 1)):
+        if split in files:
+            continue
+        if fraction is None:
+            fraction = cfg.split[1] * total / max(len(pairs), 1)
+        pairs, out = carve_rows(pairs, fraction, s, stratify=labelled)
+        held[split] = [Row(i, f) for i, f in out]
+        if not out:
+            warn(f"the {split} split is empty (data.split gives it 0): "
+                 + ("no test metrics." if split == "test" else "no validation scores, checkpoint choice or early "
+                    "stopping; the last step's model is kept."))
+    return {"train": [Row(i, f) for i, f in pairs], **held}
+
+
+def _clean_steps(rows: dict[str, list[Row]], cfg, allowed, twins: set[str], record) -> dict[str, list[Row]]:
+    """Review, clean, PII, exact dedup, near-dup: each through `record`, which
+    books the step and returns the rows it keeps."""
+    if cfg.review_decisions:
+        from tuneforge.data.review import read_decisions
+
+        new, info = apply_review(rows, read_decisions(Path(cfg.review_decisions)), allowed)
+        rows = record("review", new, info["removed"], decisions=info["decisions"])
+    from tuneforge.data.clean import make_cleaner
+
+    new, removed, changed = clean_rows(rows, make_cleaner(cfg.clean), cfg.clean.min_chars, cfg.clean.max_chars)
+    rows = record("clean", new, removed, changed_rows=changed)
+    from tuneforge.data.pii import actions_of
+
+    actions = actions_of(cfg.pii)
+    if any(a != "keep" for a in actions.values()):
+        new, removed, changed = pii_rows(rows, actions)
+        rows = record("pii", new, removed, changed=changed)
+    if cfg.dedup:
+        new, removed = exact_dedup(rows, twins)
+        rows = record("exact_dedup", new, removed)
+    if cfg.near_dup.enabled:
+        new, removed, examples = near_dedup(rows, cfg.near_dup, twins)
+        rows = record("near_dup", new, removed, threshold=cfg.near_dup.threshold, examples=examples)
+    return rows
+
+
+def _split_sizes(splits: Splits, files: dict) -> dict:
+    out = {}
+    for name in SPLITS:
+        part = getattr(splits, name)
+        entry: dict = {"rows": len(part), "carved_from_train": name not in files}
+        if splits.labels is not None:
+            entry["labels"] = {lab: sum(1 for r in part if r["label"] == lab) for lab in splits.labels}
+        out[name] = entry
+    return out
+
+
 def prepare_data(recipe, use_cache: Optional[bool] = None, log: Callable[[str], None] = lambda m: None) -> Splits:
     """The whole pipeline, or its cached result. Raises InvalidRows (all
-    malformed rows) when data.on_invalid is 'error', DataError for unusable data."""
+    malformed rows) when data.on_invalid is 'error', DataError for unusable data
+    (a split given as a file and left without rows included). Warnings (one file
+    as validation and test, a split left empty by data.split) go to `log` and
+    the report's "warnings"."""
     cfg = recipe.data
+    for split in SPLITS:
+        if getattr(cfg, split):
+            check_file(getattr(cfg, split))  # a clear error before hashing reads it
     use_cache = cfg.cache if use_cache is None else use_cache
     key = cache_key(recipe)
     folder = cache_dir() / key
-    if use_cache and is_complete(folder):
-        try:
-            splits = read_prepared(folder)
-        except (OSError, ValueError, KeyError):  # pruned or replaced by another process meanwhile: recompute
-            splits = None
-        if splits is not None:
-            splits.report["cache"] = {"key": key, "hit": True, "path": str(folder)}
-            return splits
+    if use_cache and (splits := read_cached(folder, key, log)) is not None:
+        return splits
+    splits = run_pipeline(recipe, log)
+    if use_cache:
+        with atomic_dir(folder) as tmp:
+            write_prepared(tmp, splits)
+        _prune(cache_dir(), keep=CACHE_ENTRIES)
+    splits.report["cache"] = {"key": key, "hit": False, "path": str(folder) if use_cache else None}
+    return splits
+
+
+def read_cached(folder: Path, key: str, log: Callable[[str], None]) -> Optional[Splits]:
+    """The prepared splits cached under `key`, or None (absent, or pruned or
+    replaced by another process meanwhile: recompute). Its warnings are logged again."""
+    if not is_complete(folder):
+        return None
+    try:
+        splits = read_prepared(folder)
+    except (OSError, ValueError, KeyError):
+        return None
+    splits.report["cache"] = {"key": key, "hit": True, "path": str(folder)}
+    for warning in splits.report.get("warnings", []):
+        log(f"[yellow]warning: {warning}")
+    return splits
+
+
+def run_pipeline(recipe, log: Callable[[str], None]) -> Splits:
+    """Load, clean, dedup, split, balance, augment and tokenize, booking every step."""
+    cfg = recipe.data
     t0 = time.perf_counter()
     kind, kcfg, why = resolve_kind(cfg, recipe.task)
     log(f"data kind: {why}")
     rows, files, rejects, allowed = load_rows(kcfg, kind)
     if rejects and cfg.on_invalid == "error":
         raise InvalidRows(rejects)
+    warnings: list[str] = []
+
+    def warn(message: str) -> None:
+        warnings.append(message)
+        log(f"[yellow]warning: {message}")
+
+    twins, same = same_file_splits(files)
+    for message in same:
+        warn(message)
     steps = [{"step": "load", "in": sum(f["read"] for f in files.values()),
               "out": sum(len(r) for r in rows.values()), "removed": {"malformed": len(rejects)} if rejects else {},
               "by_split": {s: {"in": f["read"], "out": len(rows[s]), "removed": {"malformed": f["rejected"]}
@@ -526,107 +710,56 @@ def prepare_data(recipe, use_cache: Optional[bool] = None, log: Callable[[str], 
         nonlocal rows
         steps.append(_step(name, rows, new_rows, removed, **extra))
         rows = new_rows
+        return rows
 
-    if cfg.review_decisions:
-        from tuneforge.data.review import read_decisions
-
-        new, info = apply_review(rows, read_decisions(Path(cfg.review_decisions)), allowed)
-        record("review", new, info["removed"], decisions=info["decisions"])
-    from tuneforge.data.clean import make_cleaner
-
-    new, removed, changed = clean_rows(rows, make_cleaner(cfg.clean), cfg.clean.min_chars, cfg.clean.max_chars)
-    record("clean", new, removed, changed_rows=changed)
-    from tuneforge.data.pii import actions_of
-
-    actions = actions_of(cfg.pii)
-    if any(a != "keep" for a in actions.values()):
-        new, removed, changed = pii_rows(rows, actions)
-        record("pii", new, removed, changed=changed)
-    if cfg.dedup:
-        new, removed = exact_dedup(rows)
-        record("exact_dedup", new, removed)
-    if cfg.near_dup.enabled:
-        new, removed, examples = near_dedup(rows, cfg.near_dup)
-        record("near_dup", new, removed, threshold=cfg.near_dup.threshold, examples=examples)
-
-    for split, f in files.items():
-        removed_here: dict[str, int] = {}
-        for st in steps[1:]:
-            for k, v in st["by_split"].get(split, {}).get("removed", {}).items():
-                removed_here[k] = removed_here.get(k, 0) + v
-        f["duplicates_removed"] = removed_here.pop("duplicate", 0)
-        f["removed"] = removed_here
-        f["kept"] = len(rows[split])
-
-    train = rows["train"]
+    rows = _clean_steps(rows, cfg, allowed, twins, record)
+    _check_given_splits(rows, files, steps)
     seed = recipe.train.seed
-    if cfg.max_rows is not None and len(train) > cfg.max_rows:
-        sub = random.Random(seed).sample(train, cfg.max_rows)
-        record("subsample", {**rows, "train": sub}, {"train": {"max_rows": len(train) - len(sub)}})
+    if cfg.max_rows is not None and len(rows["train"]) > cfg.max_rows:
+        sub = random.Random(seed).sample(rows["train"], cfg.max_rows)
+        record("subsample", {**rows, "train": sub}, {"train": {"max_rows": len(rows["train"]) - len(sub)}})
         files["train"]["subsampled_to"] = cfg.max_rows
-        train = sub
-
-    # Carve missing splits (70/15/15 of what train holds, stratified by label).
     labelled = kind in ("classification", "pair")
-    total = len(train)
-    held = {s: rows.get(s, []) for s in ("validation", "test")}
-    pairs = [(r.id, r.fields) for r in train]
-    if "test" not in files:
-        pairs, out = _carve_rows(pairs, cfg.split[2], seed, stratify=labelled)
-        held["test"] = [Row(i, f) for i, f in out]
-    if "validation" not in files:
-        fraction = cfg.split[1] * total / max(len(pairs), 1)
-        pairs, out = _carve_rows(pairs, fraction, seed + 1, stratify=labelled)
-        held["validation"] = [Row(i, f) for i, f in out]
-    train = [Row(i, f) for i, f in pairs]
-    if not train:
-        raise DataError(f"{cfg.train}: no usable training rows left after preparation; see the step counts.")
-    split_rows = {"train": train, **held}
-    steps.append({"step": "split", "in": total + sum(len(rows.get(s, [])) for s in held), "removed": {},
-                  "out": sum(len(v) for v in split_rows.values()),
+    before_split = sum(len(v) for v in rows.values())
+    rows = carve_missing(rows, files, cfg, seed, labelled, warn)
+    steps.append({"step": "split", "in": before_split, "removed": {}, "out": sum(len(v) for v in rows.values()),
                   "carved": [s for s in ("validation", "test") if s not in files]})
-    rows = split_rows
-
-    labels = None
-    if labelled:
-        labels = _sort_labels({r.fields["label"] for r in train} | (allowed or set()))
-        if len(labels) < 2:
-            raise DataError(f"{cfg.train}: classification needs at least two labels, found {labels}.")
-    if cfg.balance != "none":
-        if not labelled:
-            raise DataError(f"data.balance={cfg.balance} needs labelled data; this is {kind} data. "
-                            "Set data.balance: none.")
-        new_train, rem, add, extra = balance_train(train, cfg.balance, seed)
-        record("balance", {**rows, "train": new_train}, {"train": rem}, added={"train": add} if add else None,
-               mode=cfg.balance, **extra)
-    if cfg.augment.counterfactual:
-        copies, per_lexicon = counterfactual_copies(rows["train"], cfg.augment, cfg.keep_columns)
-        record("augment", {**rows, "train": rows["train"] + copies}, {}, added={"train": len(copies)},
-               counterfactual=per_lexicon)
-
+    labels = _label_set(rows["train"], allowed, cfg) if labelled else None
+    rows = _train_only_steps(rows, cfg, kind, seed, record)
+    _file_books(files, steps, rows)
     splits = Splits(*(
         [r.fields for r in rows[s]] for s in SPLITS), labels, {}, rejects, kind=kind,
         ids={s: [r.id for r in rows[s]] for s in SPLITS})
     _tokenize(splits, recipe, kind, steps, log)
-
-    report: dict = {"kind": kind, "kind_detected_from": why, "files": files, "splits": {}, "steps": steps}
-    for name in SPLITS:
-        part = getattr(splits, name)
-        entry: dict = {"rows": len(part), "carved_from_train": name not in files}
-        if labels is not None:
-            entry["labels"] = {lab: sum(1 for r in part if r["label"] == lab) for lab in labels}
-        report["splits"][name] = entry
-    report["seconds"] = round(time.perf_counter() - t0, 3)
-    splits.report = report
-    if use_cache:
-        with atomic_dir(folder) as tmp:
-            write_prepared(tmp, splits)
-        _prune(cache_dir(), keep=CACHE_ENTRIES)
-    report["cache"] = {"key": key, "hit": False, "path": str(folder) if use_cache else None}
+    splits.report = {"kind": kind, "kind_detected_from": why, "files": files, "splits": _split_sizes(splits, files),
+                     "steps": steps, "warnings": warnings, "seconds": round(time.perf_counter() - t0, 3)}
     return splits
 
 
-def _carve_rows(pairs: list[tuple], fraction: float, seed: int, stratify: bool) -> tuple[list, list]:
+def _label_set(train: list[Row], allowed: Optional[set], cfg) -> list[str]:
+    labels = sort_labels({r.fields["label"] for r in train} | (allowed or set()))
+    if len(labels) < 2:
+        raise DataError(f"{cfg.train}: classification needs at least two labels, found {labels}.")
+    return labels
+
+
+def _train_only_steps(rows: dict, cfg, kind: str, seed: int, record) -> dict:
+    """Balancing and counterfactual augmentation: training rows only."""
+    if cfg.balance != "none":
+        if kind not in ("classification", "pair"):
+            raise DataError(f"data.balance={cfg.balance} needs labelled data; this is {kind} data. "
+                            "Set data.balance: none.")
+        new_train, rem, add, extra = balance_train(rows["train"], cfg.balance, seed)
+        rows = record("balance", {**rows, "train": new_train}, {"train": rem}, added={"train": add} if add else None,
+                      mode=cfg.balance, **extra)
+    if cfg.augment.counterfactual:
+        copies, per_lexicon = counterfactual_copies(rows["train"], cfg.augment, cfg.keep_columns)
+        rows = record("augment", {**rows, "train": rows["train"] + copies}, {}, added={"train": len(copies)},
+                      counterfactual=per_lexicon)
+    return rows
+
+
+def carve_rows(pairs: list[tuple], fraction: float, seed: int, stratify: bool) -> tuple[list, list]:
     """prepare._carve on (id, fields) pairs: the same sizes, seed and stratification."""
     from sklearn.model_selection import train_test_split
 

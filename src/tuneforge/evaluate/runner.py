@@ -10,6 +10,7 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
+from tuneforge.evaluate import registry
 from tuneforge.evaluate.metrics import (
     classification_intervals,
     classification_metrics,
@@ -22,6 +23,7 @@ from tuneforge.evaluate.metrics import (
 )
 from tuneforge.evaluate.robustness import PERTURBATIONS, perturb
 from tuneforge.evaluate.stats import mcnemar, mean_ci, paired_bootstrap
+from tuneforge.evaluate.verdict import judge
 
 CURVE_POINTS = 200
 WORST = 10
@@ -55,7 +57,7 @@ def _curves(y: np.ndarray, probs: np.ndarray, labels: list[str]) -> dict:
 def evaluate_classifier(predict: Callable[[list[str]], np.ndarray], rows: list[dict], labels: list[str],
                         train_labels: Optional[Sequence[int]] = None, bootstrap: bool = True,
                         robustness: bool = False) -> dict:
-    """`predict(texts) -> probs [n, n_labels]`. Returns {"metrics", "baseline", ...}."""
+    """`predict(texts) -> probs [n, n_labels]`. Returns {"metrics", "baseline", "verdict", ...}."""
     label_id = {lab: i for i, lab in enumerate(labels)}
     y = np.array([label_id[r["label"]] for r in rows])
     probs = predict([r["text"] for r in rows])
@@ -83,8 +85,12 @@ def evaluate_classifier(predict: Callable[[list[str]], np.ndarray], rows: list[d
         for name in PERTURBATIONS:
             noisy = perturb(rows, name, "text")
             acc = float((predict([r["text"] for r in noisy]).argmax(1) == y).mean())
-            result["robustness"][name] = {"accuracy": acc, "drop": metrics["accuracy"] - acc,
-                                          "changed": float(np.mean([a["text"] != b["text"] for a, b in zip(rows, noisy)]))}
+            result["robustness"][name] = {
+                "accuracy": acc,
+                "drop": metrics["accuracy"] - acc,
+                "changed": float(np.mean([a["text"] != b["text"] for a, b in zip(rows, noisy)])),
+            }
+    result["verdict"] = judge(registry.CLASSIFICATION, metrics, result.get("baseline"))
     return result
 
 
@@ -115,7 +121,7 @@ def evaluate_generator(nll: Optional[tuple[np.ndarray, np.ndarray]], predictions
         base = generation_scores(baseline_predictions, references)
         tuned = generation_scores(predictions, references)
         if bootstrap:
-            metrics["vs_baseline"] = {k: paired_bootstrap(base[k], tuned[k]) for k in ("exact_match", "rouge_l")}
+            metrics["vs_baseline"] = {k: paired_bootstrap(base[k], tuned[k]) for k in registry.paired(registry.SFT)}
         result["samples"] = [{"reference": r, "base": b, "tuned": t}
                              for r, b, t in list(zip(references, baseline_predictions, predictions))[:SAMPLES]]
     if baseline_metrics is not None:
@@ -125,4 +131,5 @@ def evaluate_generator(nll: Optional[tuple[np.ndarray, np.ndarray]], predictions
         for name in PERTURBATIONS:
             em = generation_metrics(regenerate(name), references)["exact_match"]
             result["robustness"][name] = {"exact_match": em, "drop": metrics["exact_match"] - em}
+    result["verdict"] = judge(registry.SFT, metrics, baseline_metrics)
     return result

@@ -10,6 +10,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from tuneforge.evaluate.registry import p_record
+
 N_BOOT = 1000
 
 
@@ -47,7 +49,8 @@ def mcnemar(correct_a: Sequence[bool], correct_b: Sequence[bool]) -> dict:
 
     Only discordant items count: b = A right & B wrong, c = A wrong & B right.
     Under the null each discordant item is a fair coin, so p is a two-sided
-    binomial test of b successes in b + c trials.
+    binomial test of b successes in b + c trials. A p below the registry's
+    P_FLOOR is stored as that bound (`p_value_is_bound`).
     """
     from scipy.stats import binomtest
 
@@ -56,7 +59,7 @@ def mcnemar(correct_a: Sequence[bool], correct_b: Sequence[bool]) -> dict:
     b = int(np.sum(a & ~b_))
     c = int(np.sum(~a & b_))
     p = 1.0 if b + c == 0 else float(binomtest(b, b + c, 0.5, alternative="two-sided").pvalue)
-    return {"test": "mcnemar_exact", "a_only_correct": b, "b_only_correct": c, "p_value": p}
+    return {"test": "mcnemar_exact", "a_only_correct": b, "b_only_correct": c, **p_record(p)}
 
 
 def paired_bootstrap(scores_a: Sequence[float], scores_b: Sequence[float], n_boot: int = N_BOOT,
@@ -65,22 +68,24 @@ def paired_bootstrap(scores_a: Sequence[float], scores_b: Sequence[float], n_boo
 
     Resample items (keeping pairs together); p is twice the share of resamples
     whose difference falls on the other side of zero from the observed one.
+    When none does, the test cannot tell p apart from 0 with `n_boot`
+    resamples: p is reported as the bound 2 / n_boot (`p_value_is_bound`).
     """
     a = np.asarray(scores_a, dtype=np.float64)
     b = np.asarray(scores_b, dtype=np.float64)
     n = len(a)
     if n == 0:
-        return {"test": "paired_bootstrap", "delta": float("nan"), "p_value": 1.0}
+        return {"test": "paired_bootstrap", "delta": float("nan"), **p_record(1.0), "n_boot": n_boot}
     rng = np.random.default_rng(seed)
     idx = rng.integers(0, n, size=(n_boot, n))
     diffs = (b[idx] - a[idx]).mean(axis=1)
     observed = float((b - a).mean())
     if observed == 0:
-        return {"test": "paired_bootstrap", "delta": 0.0, "p_value": 1.0}
-    other_side = np.mean(diffs <= 0) if observed > 0 else np.mean(diffs >= 0)
-    # Never report p = 0 from a finite number of resamples.
-    p = float(min(1.0, 2 * max(other_side, 1.0 / n_boot)))
-    return {"test": "paired_bootstrap", "delta": observed, "p_value": p}
+        return {"test": "paired_bootstrap", "delta": 0.0, **p_record(1.0), "n_boot": n_boot}
+    other_side = int(np.sum(diffs <= 0) if observed > 0 else np.sum(diffs >= 0))
+    # Never report p = 0 from a finite number of resamples: at the floor, p is a bound.
+    p = float(min(1.0, 2 * max(other_side, 1) / n_boot))
+    return {"test": "paired_bootstrap", "delta": observed, **p_record(p, bound=other_side == 0), "n_boot": n_boot}
 
 
 def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, bins: int = 15) -> tuple[float, dict]:

@@ -15,19 +15,21 @@ from typing import Optional
 from tuneforge import catalog
 from tuneforge.console import comparison_table, console
 from tuneforge.data.load import DataError, load_file
-from tuneforge.data.prepare import InvalidRows, prepare_splits
+from tuneforge.data.prepare import prepare_splits
+from tuneforge.data.splits import InvalidRows
 from tuneforge.fsio import atomic_write_json, atomic_write_text
 from tuneforge.recipe import Recipe, dump_recipe, load_recipe
 
 
-def _is_run(path: Path) -> bool:
+def is_run(path: Path) -> bool:
+    """A tuneforge run folder (its recipe and final model are there)."""
     return (path / "recipe.yaml").is_file() and (path / "model").is_dir()
 
 
 def infer_task(model_path: str) -> str:
-    from transformers import AutoConfig
+    from tuneforge.models import load_config
 
-    archs = AutoConfig.from_pretrained(model_path).architectures or []
+    archs = load_config(model_path).architectures or []
     if any(a.endswith("ForCausalLM") for a in archs):
         return "sft"
     if any(a.endswith("ForSequenceClassification") for a in archs):
@@ -38,7 +40,7 @@ def infer_task(model_path: str) -> str:
 def resolve_target(target: str, data: Optional[str], overrides: list[str]) -> tuple[Recipe, str, Optional[Path]]:
     """(recipe, model path, run folder or None)."""
     path = Path(target)
-    if _is_run(path):
+    if is_run(path):
         return load_recipe(path / "recipe.yaml", overrides, check_files=False), str(path / "model"), path
     if data is None:
         raise ValueError(f"{target} is not a run folder: pass --data FILE to say what to evaluate on")
@@ -57,7 +59,12 @@ def _rows(recipe: Recipe, data: Optional[str], split: str, labels: Optional[list
         if not Path(recipe.data.train).is_file():
             raise DataError(f"the run's data ({recipe.data.train}) is gone; pass --data FILE")
         splits = prepare_splits(recipe)
-        return getattr(splits, split), splits.train
+        rows = getattr(splits, split)
+        if not rows:
+            others = [s for s in ("test", "validation", "train") if s != split and getattr(splits, s)]
+            raise DataError(f"the run's {split} split has no rows (data.split sets its share to 0, or preparation "
+                            f"removed them); pass --data FILE" + (f" or --split {others[0]}" if others else ""))
+        return rows, splits.train
     train_rows = None
     if Path(recipe.data.train).is_file() and Path(recipe.data.train) != Path(data).resolve():
         try:  # only for the majority baseline: without it the baseline is skipped
@@ -67,6 +74,8 @@ def _rows(recipe: Recipe, data: Optional[str], split: str, labels: Optional[list
     loaded = load_file(data, recipe.task, recipe.data, set(labels) if labels else None)
     if loaded.rejects and recipe.data.on_invalid == "error":
         raise InvalidRows(loaded.rejects)
+    if not loaded.examples:
+        raise DataError(f"{data}: no rows to evaluate")
     return [ex.fields for ex in loaded.examples], train_rows
 
 
@@ -108,12 +117,12 @@ def evaluate_target(target: str, data: Optional[str] = None, split: str = "test"
     return out
 
 
-def _with_adapter(model, adapter: Optional[str]):
-    if adapter is None:
-        return model
-    from peft import PeftModel
+def _load(auto_class, model_path: str, adapter: Optional[str]):
+    """The model at `model_path`, with `adapter` merged in when given (safetensors only)."""
+    from tuneforge.models import load_adapter, load_pretrained
 
-    return PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    model = load_pretrained(auto_class, model_path)
+    return load_adapter(model, adapter, merge=True) if adapter is not None else model
 
 
 def _eval_classifier(recipe: Recipe, model_path: str, adapter, data, split, dev) -> dict:
@@ -125,7 +134,7 @@ def _eval_classifier(recipe: Recipe, model_path: str, adapter, data, split, dev)
 
     if infer_task(model_path) == "sft":
         return _eval_zero_shot(recipe, model_path, adapter, data, split, dev)
-    model = _with_adapter(AutoModelForSequenceClassification.from_pretrained(model_path), adapter).to(dev).eval()
+    model = _load(AutoModelForSequenceClassification, model_path, adapter).to(dev).eval()
     tokenizer = load_tokenizer(model_path)
     labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
     rows, train_rows = _rows(recipe, data, split, labels)
@@ -145,19 +154,19 @@ def _eval_zero_shot(recipe: Recipe, model_path: str, adapter, data, split, dev) 
     """A causal LM on classification data: labels by constrained likelihood."""
     from transformers import AutoModelForCausalLM
 
-    from tuneforge.data.prepare import _sort_labels
+    from tuneforge.data.splits import sort_labels
     from tuneforge.evaluate.runner import evaluate_classifier
     from tuneforge.inference import zero_shot_probs
     from tuneforge.models import load_tokenizer
 
     rows, train_rows = _rows(recipe, data, split, recipe.data.labels and [str(x) for x in recipe.data.labels])
-    labels = _sort_labels({r["label"] for r in rows} | {r["label"] for r in train_rows or []})
+    labels = sort_labels({r["label"] for r in rows} | {r["label"] for r in train_rows or []})
     words = recipe.eval.label_words or {}
     missing = [lab for lab in labels if lab.isdigit() and lab not in words]
     if missing:
         raise ValueError(f"labels {missing} are numbers; name them for the model with eval.label_words, "
                          "e.g. eval.label_words='{\"0\": negative, \"1\": positive}'")
-    model = _with_adapter(AutoModelForCausalLM.from_pretrained(model_path), adapter).to(dev)
+    model = _load(AutoModelForCausalLM, model_path, adapter).to(dev)
     tokenizer = load_tokenizer(model_path)
     bs = recipe.train.eval_batch_size or 2 * recipe.train.batch_size
     label_id = {lab: i for i, lab in enumerate(labels)}
@@ -192,7 +201,7 @@ def _eval_generator(recipe: Recipe, model_path: str, adapter, base_ref, data, sp
         first["metrics"]["reference_perplexity"] = reference_perplexity(base_model, tokenizer, recipe, dev)
         baseline = {"metrics": first["metrics"], "predictions": first["predictions"]}
         del base_model
-    model = _with_adapter(AutoModelForCausalLM.from_pretrained(model_path), adapter).to(dev)
+    model = _load(AutoModelForCausalLM, model_path, adapter).to(dev)
     result = score(model, tokenizer, rendered, gen_rows, recipe, dev, baseline=baseline, final=True)
     result["metrics"]["reference_perplexity"] = reference_perplexity(model, tokenizer, recipe, dev)
     return result

@@ -37,6 +37,9 @@ GATE_RULES = {
     "equalized_odds_difference": ("equalized_odds_difference", "max"),
     "equal_opportunity_difference": ("equal_opportunity_difference", "max"),
 }
+# A classifier giving one class to at least this share of the rows is (near-)constant:
+# its disparities sit near 0 because it tells nobody apart, not because it is fair.
+DEGENERATE_SHARE = 0.95
 
 
 def positive_index(labels: Sequence[str], positive_label: Optional[str] = None) -> int:
@@ -130,6 +133,7 @@ class GroupAudit:
             "n_boot": self.n_boot,
             "groupings": {name: self._grouping(y_true, y_pred, values, pos, k)
                           for k, (name, values) in enumerate(columns.items())},
+            "predictions": prediction_check(y_pred, columns, labels, self.excluded),
         }
         return self
 
@@ -208,9 +212,13 @@ class GroupAudit:
         unset). A disparity that cannot be computed (fewer than two groups with
         data) fails its check: a gate that cannot look must not pass.
         `extra` holds further {key: (value, "max"|"min", limit[, why it may
-        be missing])} checks, e.g. the counterfactual flip rate.
+        be missing])} checks, e.g. the counterfactual flip rate. When the
+        predictions are (near-)constant (see prediction_check) the audit is
+        inconclusive and the gate does not pass, thresholds or not:
+        status "inconclusive", with the reasons.
         """
         checks = []
+        predictions = self.results_.get("predictions") or {}
         for key, limit in (thresholds or {}).items():
             if limit is None or key not in GATE_RULES:
                 continue
@@ -220,7 +228,45 @@ class GroupAudit:
                 checks.append(_check(f"{metric} ({grouping})", value, kind, limit))
         for name, (value, kind, limit, *why) in (extra or {}).items():
             checks.append(_check(name, value, kind, limit, *why))
-        return {"passed": all(c["passed"] for c in checks), "checks": checks}
+        if predictions.get("inconclusive"):
+            # Disparities of a (near-)constant classifier mean nothing: the gate cannot pass on them.
+            return {"passed": False, "status": "inconclusive", "inconclusive": True,
+                    "reasons": predictions["reasons"], "checks": checks}
+        passed = all(c["passed"] for c in checks)
+        return {"passed": passed, "status": "passed" if passed else "failed", "inconclusive": False,
+                "checks": checks}
+
+
+def prediction_check(y_pred: np.ndarray, columns: dict[str, np.ndarray], labels: Sequence[str],
+                     excluded: Sequence[str] = EXCLUDED, share: float = DEGENERATE_SHARE) -> dict:
+    """Is the classifier (near-)constant? The audit is inconclusive when one class
+    takes at least `share` of all predictions, or of every group's predictions with
+    the same class everywhere. Every group near-constant on different classes is
+    a real finding (the model decides by group), so it only warns."""
+    out: dict = {"n": int(len(y_pred)), "share": share, "inconclusive": False, "reasons": [], "warnings": []}
+    if len(y_pred) == 0 or len(labels) < 2:
+        return out
+    values, counts = np.unique(y_pred, return_counts=True)
+    out["distribution"] = {str(v): float(c / len(y_pred)) for v, c in zip(values, counts)}
+    top, top_share = str(values[counts.argmax()]), float(counts.max() / len(y_pred))
+    if top_share >= share:
+        out["reasons"].append(f"{top_share:.1%} of the {len(y_pred)} predictions are '{top}': a (near-)constant "
+                              "classifier has disparities near 0 that say nothing about fairness")
+    for name, groups in columns.items():
+        tops = {}
+        for g in sorted(set(groups.tolist()) - set(excluded)):
+            v, c = np.unique(y_pred[groups == g], return_counts=True)
+            tops[g] = (str(v[c.argmax()]), float(c.max() / c.sum()))
+        if len(tops) < 2 or not all(s >= share for _, s in tops.values()):
+            continue
+        shown = ", ".join(f"{g}: {s:.0%} '{lab}'" for g, (lab, s) in tops.items())
+        if len({lab for lab, _ in tops.values()}) == 1 and not out["reasons"]:
+            out["reasons"].append(f"predictions are near-constant within every group of {name} ({shown})")
+        elif len({lab for lab, _ in tops.values()}) > 1:
+            out["warnings"].append(f"predictions are near-constant within every group of {name} ({shown}): "
+                                   "the model decides by group, not by the text")
+    out["inconclusive"] = bool(out["reasons"])
+    return out
 
 
 def _check(name: str, value, kind: str, limit: float,
@@ -232,6 +278,25 @@ def _check(name: str, value, kind: str, limit: float,
     sign = "<=" if kind == "max" else ">="
     return {"check": name, "value": value, "limit": limit, "rule": kind, "passed": bool(passed),
             "reason": f"{value:.4f} {sign} {limit}" if passed else f"{value:.4f} not {sign} {limit}"}
+
+
+def gate_summary(gate: dict) -> str:
+    """'gate passed (2/2 checks)', 'gate FAILED (...)' or 'gate INCONCLUSIVE: why'."""
+    if gate.get("inconclusive"):
+        return "gate INCONCLUSIVE: " + "; ".join(gate.get("reasons", []))
+    return (f"gate {'passed' if gate['passed'] else 'FAILED'} "
+            f"({sum(c['passed'] for c in gate['checks'])}/{len(gate['checks'])} checks)")
+
+
+def audit_warnings(result: dict) -> list[str]:
+    """Why an audit's numbers may mislead: (near-)constant predictions, raw and post-processed."""
+    out = []
+    for key, label in (("audit", ""), ("postprocessed", "post-processed: ")):
+        predictions = ((result.get(key) or {}).get("audit") if key == "postprocessed" else result.get(key)) or {}
+        check = predictions.get("predictions") or {}
+        out += [label + ("audit inconclusive: " + r) for r in check.get("reasons", [])]
+        out += [label + w for w in check.get("warnings", [])]
+    return out
 
 
 # ------------------------------------------------------- before training

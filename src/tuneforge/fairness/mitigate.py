@@ -18,6 +18,10 @@ from tuneforge.fairness.audit import EXCLUDED
 POSTPROCESS_FILE = "fairness_postprocess.json"
 
 
+class UnseenGroups(ValueError):
+    """Rows of a group the post-processing thresholds were not fitted on."""
+
+
 # ------------------------------------------------------------ pre-processing
 
 
@@ -125,8 +129,11 @@ class ThresholdPostprocessor:
     Fitted on validation predictions; kept as plain JSON (no pickle), and
     `predict` reimplements Fairlearn's InterpolatedThresholder from it, so
     for the same integer `random_state` it returns exactly
-    ThresholdOptimizer.predict(...). Groups not seen in fitting keep the
-    model's own decision (probability >= 0.5).
+    ThresholdOptimizer.predict(...) on every group it was fitted on. Groups
+    named in `passthrough` (seen in validation, but with one label, which
+    Fairlearn cannot fit) keep the model's own decision (probability >= 0.5),
+    by design. Any other group is refused with UnseenGroups: Fairlearn would
+    silently predict the negative class for it.
     """
 
     CONSTRAINTS = {"equalized_odds": "equalized_odds", "equal_opportunity": "true_positive_rate_parity"}
@@ -137,7 +144,9 @@ class ThresholdPostprocessor:
         self.constraint = constraint
         self.objective = objective
 
-    def fit(self, scores: Sequence[float], y_true: Sequence[int], groups: Sequence[str]) -> "ThresholdPostprocessor":
+    def fit(self, scores: Sequence[float], y_true: Sequence[int], groups: Sequence[str],
+            passthrough: Sequence[str] = ()) -> "ThresholdPostprocessor":
+        """Fit on (scores, labels, groups); `passthrough` groups keep the model's decision."""
         import warnings
 
         from fairlearn.postprocessing import ThresholdOptimizer
@@ -150,6 +159,7 @@ class ThresholdPostprocessor:
             optimizer.fit(np.asarray(scores, dtype=np.float64)[:, None], np.asarray(y_true, dtype=int),
                           sensitive_features=groups)
         self.optimizer_ = optimizer  # kept in memory for checks; never saved
+        self.passthrough_ = sorted({str(g) for g in passthrough} - set(groups.tolist()))
         self.rules_ = {}
         for group, rule in optimizer.interpolated_thresholder_.interpolation_dict.items():
             entry = {"p0": float(rule.p0), "p1": float(rule.p1),
@@ -167,7 +177,8 @@ class ThresholdPostprocessor:
         """P(predict positive) per row, as Fairlearn's _pmf_predict."""
         scores = np.asarray(scores, dtype=np.float64)
         groups = np.array([str(g) for g in groups])
-        out = (scores >= 0.5).astype(np.float64)
+        self.check_groups(groups)
+        out = (scores >= 0.5).astype(np.float64)  # passthrough groups: the model's own decision
         for group, rule in self.rules_.items():
             mask = groups == group
             s = scores[mask]
@@ -177,6 +188,16 @@ class ThresholdPostprocessor:
             out[mask] = p
         return out
 
+    def check_groups(self, groups: Sequence[str]) -> None:
+        """UnseenGroups when a group is neither fitted nor passthrough."""
+        unseen = sorted(set(str(g) for g in groups) - set(self.rules_) - set(self.passthrough_))
+        if unseen:
+            known = sorted(self.rules_) + [f"{g} (model's decision)" for g in self.passthrough_]
+            raise UnseenGroups(
+                f"fairness post-processing has no thresholds for group(s) {', '.join(map(repr, unseen))} (fitted "
+                f"on: {', '.join(known)}); refusing to guess, as Fairlearn would predict the negative class for "
+                "them: retrain with validation rows of these groups, or set fairness.postprocess: none")
+
     def predict(self, scores: Sequence[float], groups: Sequence[str], random_state=None) -> np.ndarray:
         """0/1 decisions; `random_state` an int for reproducible draws, None for fresh ones."""
         probs = self.positive_probability(scores, groups)
@@ -185,7 +206,7 @@ class ThresholdPostprocessor:
 
     def to_json(self) -> dict:
         return {"kind": "threshold_optimizer", "constraint": self.constraint, "objective": self.objective,
-                "rules": self.rules_}
+                "rules": self.rules_, "passthrough": self.passthrough_}
 
     @classmethod
     def from_json(cls, data: dict) -> "ThresholdPostprocessor":
@@ -193,6 +214,7 @@ class ThresholdPostprocessor:
             raise ValueError(f"not a threshold post-processor: kind {data.get('kind')!r}")
         obj = cls(data["constraint"], data["objective"])
         obj.rules_ = data["rules"]
+        obj.passthrough_ = [str(g) for g in data.get("passthrough", [])]
         return obj
 
 

@@ -10,7 +10,14 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from tuneforge.console import console
-from tuneforge.fairness.audit import GroupAudit, positive_index, representation_report
+from tuneforge.fairness.audit import (
+    GroupAudit,
+    audit_warnings,
+    gate_summary,
+    positive_index,
+    representation_report,
+)
+from tuneforge.fairness.mitigate import UnseenGroups
 from tuneforge.fsio import atomic_write_json, atomic_write_text
 
 AUDIT_DIR = "audit"
@@ -110,14 +117,21 @@ def audit_rows(predict: Callable[[list[str]], np.ndarray], rows: Sequence[dict],
                     "group_columns": list(groups), "audit": audit.results_,
                     "variants": [_variant(name, audit, np.array(y_true) == np.array(y_pred), cfg.bootstrap)]}
     gated = audit
+    extra = {}
     if postprocessor is not None:
-        post_pred = postprocessor(probs, served_groups(postprocessor, rows), texts=texts, random_state=seed)
+        try:
+            post_pred = postprocessor(probs, served_groups(postprocessor, rows), texts=texts, random_state=seed)
+        except UnseenGroups as exc:  # what would be served cannot be judged: the gate fails closed
+            console.print(f"[yellow]fairness: {exc}")
+            result["postprocessed"] = {"error": str(exc), "constraint": postprocessor.thresholds.constraint}
+            extra["post-processing covers every audited group"] = (None, "max", 0, str(exc))
+            postprocessor = None
+    if postprocessor is not None:
         post = GroupAudit(cfg.positive_label, n_boot=cfg.bootstrap, seed=seed).fit(y_true, post_pred, groups, labels)
         result["postprocessed"] = {"audit": post.results_, "constraint": postprocessor.thresholds.constraint}
         result["variants"].append(_variant(f"{name} + {postprocessor.thresholds.constraint} thresholds", post,
                                            np.array(y_true) == np.array(post_pred), cfg.bootstrap))
         gated = post
-    extra = {}
     if counterfactual:
         pos = positive_index(labels, cfg.positive_label)
         result["counterfactual"] = flip_probe(predict, texts, list(lexicons.values()), labels, pos,
@@ -213,7 +227,7 @@ def _fit_thresholds(constraint: str, scores, truth: list[int], groups: list[str]
         return None
     keep = np.array([g in both for g in groups])
     return ThresholdPostprocessor(constraint).fit(np.asarray(scores)[keep], np.asarray(truth)[keep],
-                                                  np.asarray(groups)[keep])
+                                                  np.asarray(groups)[keep], passthrough=left_out)
 
 
 def after_training(recipe, run, predict: Callable[[list[str]], np.ndarray], splits) -> Optional[dict]:
@@ -251,8 +265,7 @@ def after_training(recipe, run, predict: Callable[[list[str]], np.ndarray], spli
     result.update(target=str(run.path), data="test split")
     result["representation"] = (run.manifest.get("fairness") or {}).get("representation")
     write_audit(run.path / AUDIT_DIR, result, f"fairness audit: {recipe.name}")
-    gate = result["gate"]
-    console.print(f"fairness audit: gate {'passed' if gate['passed'] else 'FAILED'} "
-                  f"({sum(c['passed'] for c in gate['checks'])}/{len(gate['checks'])} checks); "
-                  f"{run.path / AUDIT_DIR / 'audit.html'}")
+    console.print(f"fairness audit: {gate_summary(result['gate'])}; {run.path / AUDIT_DIR / 'audit.html'}")
+    for line in audit_warnings(result):
+        console.print(f"[bold yellow]fairness: {line}")
     return result

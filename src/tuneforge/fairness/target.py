@@ -16,7 +16,8 @@ from typing import Callable, Optional, Sequence
 
 from tuneforge.console import console
 from tuneforge.data.load import DataError, load_file, read_records
-from tuneforge.data.prepare import InvalidRows, prepare_splits
+from tuneforge.data.prepare import prepare_splits
+from tuneforge.data.splits import InvalidRows
 from tuneforge.fairness.run import AUDIT_DIR, audit_rows, select_lexicons, write_audit
 from tuneforge.recipe import Recipe, load_recipe
 
@@ -70,12 +71,12 @@ def _classifier(model_path: str, recipe: Recipe, dev) -> tuple[Callable, list[st
 
     from tuneforge.evaluate.target import infer_task
     from tuneforge.inference import encode, predict_proba
-    from tuneforge.models import load_tokenizer
+    from tuneforge.models import load_pretrained, load_tokenizer
 
     if infer_task(model_path) != "classification":
         raise ValueError(f"{model_path} is a causal LM: audit it with --crows FILE and/or --sentiment CLASSIFIER "
                          "(zero-shot classification audits are not supported)")
-    model = AutoModelForSequenceClassification.from_pretrained(model_path).to(dev).eval()
+    model = load_pretrained(AutoModelForSequenceClassification, model_path).to(dev).eval()
     tokenizer = load_tokenizer(model_path)
     labels = [str(model.config.id2label[i]) for i in range(model.config.num_labels)]
     max_len = min(recipe.train.max_length, tokenizer.model_max_length)
@@ -114,9 +115,9 @@ def _prompts(path: str, recipe: Recipe) -> list[str]:
 
 def _resolve(target: str, data: Optional[str], overrides: list[str]):
     from tuneforge import catalog
-    from tuneforge.evaluate.target import _is_run, infer_task, resolve_target
+    from tuneforge.evaluate.target import infer_task, is_run, resolve_target
 
-    if _is_run(Path(target)) or data is not None:
+    if is_run(Path(target)) or data is not None:
         return resolve_target(target, data, overrides)
     # A causal LM audited on CrowS-Pairs alone needs no data file.
     model_path = catalog.resolve(target)
@@ -205,12 +206,12 @@ def _audit_generator(model_path: str, recipe: Recipe, dev, data, lexs: dict, cro
         sentence_loglik,
     )
     from tuneforge.inference import generate
-    from tuneforge.models import load_tokenizer
+    from tuneforge.models import load_pretrained, load_tokenizer
 
     if not crows and not sentiment:
         raise ValueError("TARGET is a causal LM: pass --crows FILE (CrowS-Pairs csv) and/or "
                          "--sentiment CLASSIFIER with --data PROMPTS")
-    model = AutoModelForCausalLM.from_pretrained(model_path).to(dev).eval()
+    model = load_pretrained(AutoModelForCausalLM, model_path).to(dev).eval()
     tokenizer = load_tokenizer(model_path)
     bs = recipe.train.eval_batch_size or 2 * recipe.train.batch_size
     n_boot = max(recipe.fairness.bootstrap, 1)

@@ -110,11 +110,10 @@ def detect_group(text: str, lexicon: Lexicon) -> Optional[str]:
 
 def read_lexicon(source) -> Lexicon:
     """Parse one lexicon YAML (a path or its text)."""
-    import yaml
+    from tuneforge import safeyaml
 
-    text = Path(source).read_text(encoding="utf-8") if isinstance(source, Path) else source
     where = str(source) if isinstance(source, Path) else "<lexicon>"
-    data = yaml.safe_load(text) or {}
+    data = (safeyaml.load_file(source) if isinstance(source, Path) else safeyaml.load(source, where)) or {}
     problems = []
     if not isinstance(data.get("name"), str):
         problems.append("'name' must be a string")

@@ -4,7 +4,7 @@ bitsandbytes (double quantisation, bf16 compute). Needs a CUDA GPU and
 
 Loading: the base is quantised while it loads, so the full-precision weights
 never sit on the GPU: `models.load_causal_lm(ref, quantize_4bit=True)` passes
-`load_options()` to from_pretrained. `prepare` readies the 4-bit model for
+`load_options()` (gpu.nf4_options) to from_pretrained. `prepare` readies the 4-bit model for
 training and puts the adapters on it with lora.py.
 
 Saving: an adapter update cannot be merged into 4-bit weights without
@@ -28,14 +28,7 @@ from tuneforge import gpu
 from tuneforge.methods import lora
 from tuneforge.recipe import MethodConfig
 
-FEATURE = "method qlora (a 4-bit bitsandbytes base model)"
-
-
-def _compute_dtype():
-    import torch
-
-    # bf16 where the GPU has it (Ampere and later), else fp16 as in the QLoRA paper's older-GPU setting.
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+FEATURE = gpu.QLORA_FEATURE
 
 
 def check_available(device=None) -> None:
@@ -44,21 +37,7 @@ def check_available(device=None) -> None:
 
 def load_options() -> dict:
     """from_pretrained keywords that quantise the base to 4-bit NF4 on the current GPU."""
-    check_available()
-    import torch
-    from transformers import BitsAndBytesConfig
-
-    dtype = _compute_dtype()
-    return {
-        "quantization_config": BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=dtype,
-        ),
-        # The weights that stay unquantised (norms, embeddings, head) load in the
-        # compute dtype; prepare() upcasts them to float32 for training.
-        "dtype": dtype,
-        "device_map": {"": torch.cuda.current_device()},
-    }
+    return gpu.nf4_options()
 
 
 def prepare(model, cfg: MethodConfig, task: str):
@@ -78,18 +57,19 @@ def prepare(model, cfg: MethodConfig, task: str):
 
 def save(model, tokenizer, folder: Path):
     import torch
-    from peft import PeftModel
     from transformers import AutoModelForCausalLM
+
+    from tuneforge.models import load_adapter, load_pretrained
 
     model.save_pretrained(folder / "adapter")
     tokenizer.save_pretrained(folder / "adapter")
     base_path = model.peft_config[model.active_adapter].base_model_name_or_path
-    base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
+    base = load_pretrained(AutoModelForCausalLM, base_path, dtype=torch.float32)
     base.config.pad_token_id = model.config.pad_token_id
-    merged = PeftModel.from_pretrained(base, folder / "adapter").merge_and_unload()
+    merged = load_adapter(base, str(folder / "adapter"), merge=True)
     merged.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     device = next(model.parameters()).device
     if device.type == "cuda":
-        return merged.to(device, dtype=_compute_dtype())
+        return merged.to(device, dtype=gpu.compute_dtype())
     return merged

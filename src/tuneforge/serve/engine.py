@@ -8,6 +8,7 @@ streams its text as it goes, and can be dropped when its client disconnects.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -24,13 +25,21 @@ from tuneforge.training.batching import attention_mask, pad
 CLASSIFY_CHUNK = 8
 
 
-def classify(served, texts: list[str], device) -> tuple[list[list[float]], int]:
-    """Class probabilities per text and the number of tokens read."""
-    tokenizer = served.tokenizer
-    ids = encode(tokenizer, texts, served.context)
+_TOKENIZE = threading.Lock()
+
+
+def tokenize(served, texts: list[str]) -> list[list[int]]:
+    """Token ids per text, cut to the model's context, as the classifier reads them.
+    Called from request threads: the lock keeps two first calls from setting the
+    fast tokenizer's truncation at once ("Already borrowed")."""
+    with _TOKENIZE:
+        return encode(served.tokenizer, texts, served.context)
+
+
+def classify(served, ids: list[list[int]], device) -> list[list[float]]:
+    """Class probabilities per text (its token ids from `tokenize`)."""
     chunk = max(len(ids), 1) if supports_packed_classification(served.model) else CLASSIFY_CHUNK
-    probs = predict_proba(served.model, ids, tokenizer.pad_token_id, chunk, device)
-    return probs.tolist(), sum(len(x) for x in ids)
+    return predict_proba(served.model, ids, served.tokenizer.pad_token_id, chunk, device).tolist()
 
 
 def _held_back(text: str, stops: list[str]) -> int:
@@ -63,7 +72,10 @@ class GenRow:
     def pick(self, logits: torch.Tensor) -> int:
         if self.temperature == 0:
             return int(logits.argmax())
-        probs = torch.softmax(logits.float() / self.temperature, dim=-1)
+        # In float64, shifted by the max: a tiny temperature (5e-324 is valid JSON)
+        # underflows to 0 in float32 and makes 0/0 = NaN; here it is plain greedy.
+        logits = logits.double()
+        probs = torch.softmax((logits - logits.max()) / self.temperature, dim=-1)
         if self.top_p < 1.0:
             ordered, order = probs.sort(descending=True)
             # keep the smallest head whose mass reaches top_p (always at least one token)

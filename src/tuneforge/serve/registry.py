@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-import yaml
+from tuneforge import safeyaml
 
 
 class TargetError(ValueError):
@@ -74,7 +74,7 @@ def adapter_source(name: str, ref: str) -> AdapterSource:
     path = Path(ref)
     run_adapter = path / "model" / "adapter"
     if run_adapter.is_dir():
-        recipe = yaml.safe_load((path / "recipe.yaml").read_text()) if (path / "recipe.yaml").is_file() else {}
+        recipe = safeyaml.load_file(path / "recipe.yaml") if (path / "recipe.yaml").is_file() else {}
         folder, base_ref = run_adapter, recipe.get("model")
         labels = _read_labels(path / "model" / "config.json")
     elif (path / "adapter_config.json").is_file():
@@ -82,9 +82,12 @@ def adapter_source(name: str, ref: str) -> AdapterSource:
     else:
         raise TargetError(f"adapter {name}={ref}: not a LoRA run (no {run_adapter}) nor an adapter folder "
                           "(no adapter_config.json); train with method.name=lora or point at model/adapter")
-    # peft falls back to torch.load for adapter_model.bin: only safetensors are accepted.
-    if not (folder / "adapter_model.safetensors").is_file():
-        raise TargetError(f"adapter {name}: {folder} has no adapter_model.safetensors (pickle weights are refused)")
+    from tuneforge.models import adapter_folder
+
+    try:  # safetensors only: peft would fall back to torch.load for adapter_model.bin
+        adapter_folder(str(folder))
+    except FileNotFoundError as exc:
+        raise TargetError(f"adapter {name}: {exc}") from None
     return AdapterSource(name, folder, base_ref, _template_of(folder), labels)
 
 
@@ -95,7 +98,7 @@ def resolve(target: str, name: Optional[str] = None) -> Served:
 
     path = Path(target)
     if (path / "recipe.yaml").is_file() and (path / "model").is_dir():
-        recipe = yaml.safe_load((path / "recipe.yaml").read_text())
+        recipe = safeyaml.load_file(path / "recipe.yaml")
         task = recipe["task"]
         if (path / "model" / "adapter").is_dir():
             own = adapter_source(name or path.resolve().name, str(path))
@@ -140,7 +143,7 @@ def load_base(served: Served, device) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    from tuneforge.models import DEFAULT_CHAT_TEMPLATE, load_tokenizer, quiet_transformers
+    from tuneforge.models import DEFAULT_CHAT_TEMPLATE, load_pretrained, load_tokenizer, quiet_transformers
 
     quiet_transformers()
     dtype = getattr(torch, served.dtype)
@@ -149,10 +152,10 @@ def load_base(served: Served, device) -> None:
         if served.labels:
             kwargs = {"num_labels": len(served.labels), "id2label": dict(enumerate(served.labels)),
                       "label2id": {lab: i for i, lab in enumerate(served.labels)}}
-        model = AutoModelForSequenceClassification.from_pretrained(served.base_path, dtype=dtype, **kwargs)
+        model = load_pretrained(AutoModelForSequenceClassification, served.base_path, dtype=dtype, **kwargs)
         served.labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
     else:
-        model = AutoModelForCausalLM.from_pretrained(served.base_path, dtype=dtype)
+        model = load_pretrained(AutoModelForCausalLM, served.base_path, dtype=dtype)
     tokenizer_from = served.own_adapter.path if served.own_adapter else served.base_path
     tokenizer = load_tokenizer(str(tokenizer_from))
     if model.config.pad_token_id is None:
@@ -192,14 +195,11 @@ def check_adapter(served: Served, source: AdapterSource) -> None:
 
 
 def add_adapter(served: Served, source: AdapterSource) -> None:
-    from peft import PeftModel
+    from tuneforge.models import load_adapter
 
     check_adapter(served, source)
     try:
-        if isinstance(served.model, PeftModel):
-            served.model.load_adapter(str(source.path), adapter_name=source.name)
-        else:
-            served.model = PeftModel.from_pretrained(served.model, str(source.path), adapter_name=source.name)
+        served.model = load_adapter(served.model, str(source.path), adapter_name=source.name)
     except Exception as exc:  # wrong shapes, a broken file: undo, then say why
         _undo_failed_add(served, source.name)
         lines = [line.strip() for line in str(exc).splitlines() if line.strip()]

@@ -57,12 +57,15 @@ def _matches(given: bytes, keys: list[bytes]) -> bool:
     return found
 
 
-def _bearer(scope) -> bytes:
-    for name, value in scope.get("headers", []):
-        if name == b"authorization":
-            scheme, _, token = value.partition(b" ")
-            return token.strip() if scheme.lower() == b"bearer" else b""
-    return b""
+def _bearer(scope) -> Optional[bytes]:
+    """The bearer token (b"" when missing or not a bearer token), or None when the
+    request carries several Authorization headers: which one counts would depend
+    on the proxy in front (some keep the first, some the last, some join them)."""
+    values = [value for name, value in scope.get("headers", []) if name == b"authorization"]
+    if len(values) > 1:
+        return None
+    scheme, _, token = (values[0] if values else b"").partition(b" ")
+    return token.strip() if scheme.lower() == b"bearer" else b""
 
 
 def error_body(status: int, message: str, kind: str, code: Optional[str] = None, param: Optional[str] = None) -> bytes:
@@ -93,6 +96,10 @@ class AuthMiddleware:
         if raw == PUBLIC and scope["path"] == "/health":
             return await self.app(scope, receive, send)
         given = _bearer(scope)
+        if given is None:
+            return await send_error(send, 401, "several Authorization headers: send exactly one "
+                                    "'Authorization: Bearer <key>'", "authentication_error", "ambiguous_api_key",
+                                    [(b"www-authenticate", b"Bearer")])
         user_route = raw in USER_PATHS or any(raw.startswith(p) and b"/" not in raw[len(p):] and b"%" not in raw
                                               for p in USER_PREFIXES)
         if not given or not _matches(given, self.users if user_route else self.admin):
@@ -139,14 +146,26 @@ class BodyLimitMiddleware:
 
 
 class DrainMiddleware:
-    """Once shutdown has begun, new requests get 503 while in-flight ones finish."""
+    """Once shutdown has begun, new requests get 503 (with Retry-After) while
+    in-flight ones finish; every response from then on says `Connection: close`,
+    so that keep-alive clients reconnect elsewhere instead of reusing a
+    connection that is about to close."""
 
     def __init__(self, app, draining: Callable[[], bool]):
         self.app, self.draining = app, draining
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and self.draining() and scope["path"] != "/health":
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        if self.draining() and scope["path"] != "/health":
             return await send_error(send, 503, "the server is shutting down; retry on another instance",
                                     "server_error", "shutting_down",
                                     [(b"connection", b"close"), (b"retry-after", b"1")])
-        return await self.app(scope, receive, send)
+
+        async def closing(message):
+            if message["type"] == "http.response.start" and self.draining():
+                headers = [h for h in message.get("headers", []) if h[0].lower() != b"connection"]
+                message = {**message, "headers": [*headers, (b"connection", b"close")]}
+            await send(message)
+
+        return await self.app(scope, receive, closing)

@@ -4,6 +4,11 @@ Only when vLLM is importable and a CUDA GPU is present; otherwise a clear
 refusal (the torch engine serves everything on CPU). A LoRA run is served as
 its base with the adapter (`--enable-lora --lora-modules`); an exported or
 fully fine-tuned folder as is.
+
+The key goes in VLLM_API_KEY, which holds one key: recent vLLMs take several
+on `--api-key`, but a command line is readable by every local user (ps), so
+several keys are refused rather than exposed. vLLM's server does not enforce
+tuneforge's other limits; `UNPROTECTED` names them and the CLI prints them.
 """
 
 from __future__ import annotations
@@ -13,6 +18,35 @@ import sys
 import tempfile
 from pathlib import Path
 from typing import Optional
+
+# What tuneforge's own server enforces and vLLM's does not (vLLM's security
+# guide: its key is checked only under /v1, /v2, /inference and /cohere).
+UNPROTECTED = (
+    "request bodies have no size limit (tuneforge: --max-body-mb, 413)",
+    "no per-request token cap beyond the context (tuneforge: --max-request-tokens)",
+    "no bounded queue: overload is not answered 429 with Retry-After (tuneforge: --max-queue)",
+    "no per-request timeout (tuneforge: --timeout, 504)",
+    "the API key guards only the /v1/... routes: /metrics, /tokenize, /detokenize and vLLM's other "
+    "routes answer without one (tuneforge: every route but /health needs a key)",
+    "no admin keys: adapters are fixed at start-up",
+)
+
+
+def notice() -> str:
+    """What the operator is told at start-up: the protections they lose."""
+    lines = "".join(f"\n  - {item}" for item in UNPROTECTED)
+    return ("note: --engine vllm hands the port to vLLM's own server, without tuneforge's protections:"
+            f"{lines}\nPut an authenticating, size- and rate-limiting proxy in front of it, or serve with "
+            "the default --engine torch.")
+
+
+def key_env(api_keys: list[str]) -> dict[str, str]:
+    """The environment that gives vLLM the API key; several keys are refused."""
+    if len(api_keys) != 1:
+        raise ValueError(f"--engine vllm takes exactly one API key, not {len(api_keys)}: vLLM reads one from "
+                         "VLLM_API_KEY, and several on its command line would be readable by every local "
+                         "user (ps). Configure one key, or use the default --engine torch, which takes several")
+    return {"VLLM_API_KEY": api_keys[0]}
 
 
 def unavailable() -> Optional[str]:

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from tuneforge.console import console
+from tuneforge.evaluate import registry
 from tuneforge.evaluate.metrics import classification_metrics
 from tuneforge.evaluate.runner import evaluate_classifier
 from tuneforge.fairness import run as fairness
@@ -26,6 +27,7 @@ from tuneforge.training.loop import Objective, fit
 def train(recipe: Recipe, output: Optional[str] = None, resume: bool = False, device: Optional[str] = None,
           quiet: bool = False) -> dict:
     # ---- setup
+    best = registry.metric_for_best(recipe.metric_for_best, recipe.task)  # before any run folder exists
     run, dev = shared.open_run(recipe, output, resume, device)
     splits = shared.load_splits(recipe, run)
     penalty = fairness.before_training(recipe, splits, run)  # representation check, reweighing, augmentation
@@ -74,7 +76,7 @@ def train(recipe: Recipe, output: Optional[str] = None, resume: bool = False, de
         plan=lambda epoch: plan_epoch(lengths, recipe.train.batch_size, recipe.train.gradient_accumulation,
                                       recipe.train.seed, epoch, recipe.train.group_by_length),
         units=len, loss_sum=loss_sum, evaluate=evaluate if splits.validation else None,
-        metric=recipe.metric_for_best, higher_is_better=recipe.metric_for_best != "loss",
+        metric=best.name, higher_is_better=best.higher_is_better,
     )
 
     # ---- train

@@ -19,6 +19,7 @@ from tuneforge.data.render import (
     render,
     to_messages,
 )
+from tuneforge.evaluate import registry
 from tuneforge.evaluate.metrics import perplexity
 from tuneforge.evaluate.robustness import perturb_sft
 from tuneforge.evaluate.runner import evaluate_generator
@@ -37,8 +38,6 @@ from tuneforge.trainers import shared
 from tuneforge.training import distributed
 from tuneforge.training.batching import plan_epoch
 from tuneforge.training.loop import Objective, fit
-
-LOWER_IS_BETTER = ("loss", "perplexity")
 
 
 def score(model, tokenizer, rendered: list[Rendered], gen_rows: list[dict], recipe: Recipe, device: torch.device,
@@ -86,7 +85,8 @@ def render_split(tokenizer, rows: list[dict], recipe: Recipe, name: str) -> list
         console.print(f"[yellow]{name}: {truncated} of {len(rendered)} examples truncated at "
                       f"train.max_length={recipe.train.max_length}")
     if len(kept) < len(rendered):
-        console.print(f"[yellow]{name}: {len(rendered) - len(kept)} examples dropped: truncation left no response tokens")
+        console.print(f"[yellow]{name}: {len(rendered) - len(kept)} examples dropped: truncation left no response "
+                      "tokens")
     return kept
 
 
@@ -97,6 +97,7 @@ def _floats(metrics: dict) -> dict:
 def train(recipe: Recipe, output: Optional[str] = None, resume: bool = False, device: Optional[str] = None,
           quiet: bool = False) -> dict:
     # ---- setup
+    best = registry.metric_for_best(recipe.metric_for_best, recipe.task)  # before any run folder exists
     run, dev = shared.open_run(recipe, output, resume, device)
     splits = shared.load_splits(recipe, run)
     shared.seed_everything(recipe.train.seed)
@@ -145,7 +146,7 @@ def train(recipe: Recipe, output: Optional[str] = None, resume: bool = False, de
         units=lambda batch: sum(train_set[i].n_target for i in batch),
         loss_sum=lambda batch: lm_loss_sum(model, [train_set[i] for i in batch], pad_id, dev),
         evaluate=evaluate if val_set else None,
-        metric=recipe.metric_for_best, higher_is_better=recipe.metric_for_best not in LOWER_IS_BETTER,
+        metric=best.name, higher_is_better=best.higher_is_better,
     )
 
     # ---- train

@@ -10,8 +10,10 @@ import numpy as np
 import torch
 
 from tuneforge import __version__, gpu
-from tuneforge.console import comparison_table, console
-from tuneforge.data.prepare import InvalidRows, Splits, write_rejects
+from tuneforge.console import comparison_table, console, verdict_panel
+from tuneforge.data.splits import InvalidRows, Splits, write_rejects
+from tuneforge.evaluate import registry
+from tuneforge.evaluate.verdict import NO_BETTER, hints
 from tuneforge.fsio import atomic_dir
 from tuneforge.methods import METHODS
 from tuneforge.models import count_parameters, pick_device, unwrap
@@ -75,14 +77,17 @@ def load_splits(recipe: Recipe, run: Run) -> Splits:
         other = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in (info.get("removed") or {}).items())
         console.print(
             f"{split}: {info['read']} read, {info['rejected']} rejected, "
-            f"{info['duplicates_removed']} duplicates removed, " + (f"{other}, " if other else "") + f"{info['kept']} kept"
+            f"{info['duplicates_removed']} duplicates removed, " + (f"{other}, " if other else "") + f"{info['kept']} "
+                                                                                                     "kept"
         )
     for step in splits.report.get("steps", []):
         if step.get("added") or step["step"] in ("balance", "review"):
             console.print(f"{step['step']}: {step['in']} -> {step['out']} rows"
                           + (f" ({step['added']} added)" if step.get("added") else ""))
     sizes = ", ".join(f"{k} {v['rows']}" for k, v in splits.report["splits"].items())
-    console.print(f"splits: {sizes}" + (" (prepared data from cache)" if splits.report.get("cache", {}).get("hit") else ""))
+    console.print(
+        f"splits: {sizes}" + (" (prepared data from cache)" if splits.report.get("cache", {}).get("hit") else "")
+    )
     if recipe.task == "sft":
         _pin_template(recipe, run, splits)
     return splits
@@ -156,7 +161,7 @@ def shard(model, root, recipe: Recipe, device: torch.device) -> bool:
     processes run (`root` is the module whose forward computes the loss); True if sharded."""
     cfg = recipe.train.distributed
     if cfg.strategy != "ddp" and distributed.active():
-        if recipe.task == "sft" and recipe.metric_for_best not in ("loss", "perplexity"):
+        if recipe.task == "sft" and registry.get(recipe.metric_for_best).generated:
             raise ValueError(
                 f"train.metric_for_best '{recipe.metric_for_best}' needs generation during training, which "
                 f"{cfg.strategy} does not run (each rank holds a shard of the model): use loss or perplexity, "
@@ -179,22 +184,28 @@ def baseline_cached(run: Run) -> Optional[dict]:
 
 
 def report(run: Run, recipe: Recipe, result: dict, validation: Optional[dict], baseline_name: str) -> dict:
-    """Write metrics.json ({"test", "baseline", "validation"}), the details for the
-    report (curves, worst errors, samples, robustness), and print base vs tuned."""
+    """Write metrics.json ({"test", "baseline", "validation", "verdict"}), the details
+    for the report (curves, worst errors, samples, robustness), and print base vs
+    tuned; a run no better than its baseline says so in red instead of "done"."""
     test, baseline = result["metrics"], result.get("baseline")
-    metrics = {"test": test, "baseline": baseline, "validation": validation}
+    verdict = dict(result.get("verdict") or {"status": "no_baseline", "reasons": []})
+    if verdict["status"] == NO_BETTER:
+        verdict["hints"] = hints(recipe)
+    metrics = {"test": test, "baseline": baseline, "validation": validation, "verdict": verdict}
     run.write_json("metrics.json", metrics)
     run.write_json("evaluation.json", {k: v for k, v in result.items() if k not in ("metrics", "baseline")})
     console.print(comparison_table(f"{recipe.name}: test split", baseline, test, baseline_name))
-    significance = test.get("vs_baseline")
+    significance = registry.significance_line(test.get("vs_baseline"))
     if significance:
-        tests = {"accuracy": significance} if "p_value" in significance else significance
-        console.print("paired test vs baseline: " + ", ".join(
-            f"{metric} {t['test']} p={t['p_value']:.3g}" for metric, t in tests.items()))
+        console.print("paired test vs baseline: " + significance)
     run.finish()
     from tuneforge.report import write_report
 
     html_path, _ = write_report(run.path)
     console.print(f"report: {html_path}")
-    console.print(f"done: {run.path}")
+    if verdict["status"] == NO_BETTER:
+        console.print(verdict_panel(verdict, baseline_name))
+        console.print(f"[bold red]finished, but no better than the {baseline_name}:[/] {run.path}")
+    else:
+        console.print(f"done: {run.path}")
     return metrics

@@ -17,12 +17,19 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from tuneforge.fsio import atomic_dir, is_complete
+from tuneforge.run import remove_leftovers
 from tuneforge.training import distributed
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
+CHECKPOINT_FILES = ("trainable.safetensors", "optimizer.safetensors", "rng.safetensors")
+
+
+class CheckpointDamaged(RuntimeError):
+    """A checkpoint file cannot be read (truncated, overwritten, not safetensors)."""
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -163,14 +170,62 @@ def save_checkpoint(folder: Path, model, optimizer, scheduler, loop_state: dict)
         (tmp / "state.json").write_text(json.dumps(state, indent=1))
 
 
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise CheckpointDamaged(f"{path}: damaged checkpoint file ({reason})") from None
+
+
+def _read_json(path: Path, keys: tuple[str, ...]) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise CheckpointDamaged(f"{path}: damaged checkpoint file ({exc})") from None
+    missing = [k for k in keys if not isinstance(data, dict) or k not in data]
+    if missing:
+        raise CheckpointDamaged(f"{path}: damaged checkpoint file (no {', '.join(missing)})")
+    return data
+
+
+def read_checkpoint(folder: Path) -> tuple[dict, dict[str, dict[str, torch.Tensor]]]:
+    """Every file of a checkpoint read and checked before anything is restored,
+    so a damaged one changes nothing; CheckpointDamaged names the file."""
+    state = _read_json(folder / "state.json", ("loop", "optimizer", "scheduler", "rng"))
+    return state, {name: _read_tensors(folder / name) for name in CHECKPOINT_FILES}
+
+
 def load_checkpoint(folder: Path, model, optimizer, scheduler) -> dict:
     """Restore weights, optimizer, scheduler and RNG; return the loop state."""
-    state = json.loads((folder / "state.json").read_text())
-    load_trainable_state(model, load_file(str(folder / "trainable.safetensors")))
-    _load_optimizer(model, optimizer, load_file(str(folder / "optimizer.safetensors")), state["optimizer"])
+    state, tensors = read_checkpoint(folder)
+    return _restore(state, tensors, model, optimizer, scheduler)
+
+
+def _restore(state: dict, tensors: dict[str, dict[str, torch.Tensor]], model, optimizer, scheduler) -> dict:
+    load_trainable_state(model, tensors["trainable.safetensors"])
+    _load_optimizer(model, optimizer, tensors["optimizer.safetensors"], state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    _restore_rng(load_file(str(folder / "rng.safetensors")), state["rng"])
+    _restore_rng(tensors["rng.safetensors"], state["rng"])
     return state["loop"]
+
+
+def load_latest(root: Path, model, optimizer, scheduler) -> tuple[Optional[Path], Optional[dict], list[str]]:
+    """Restore the newest complete checkpoint that reads back whole, falling
+    back to older ones: (folder, loop state, one line per damaged one skipped).
+    (None, None, []) when there is none; CheckpointDamaged when all are damaged."""
+    skipped = []
+    for folder in complete_checkpoints(root):
+        try:
+            state, tensors = read_checkpoint(folder)
+        except CheckpointDamaged as exc:
+            skipped.append(str(exc))
+            continue
+        return folder, _restore(state, tensors, model, optimizer, scheduler), skipped
+    if skipped:
+        raise CheckpointDamaged("every checkpoint of this run is damaged: " + "; ".join(skipped)
+                                + ". Start a new run (another --output, without --resume).")
+    return None, None, []
 
 
 def save_weights(folder: Path, model, info: dict) -> None:
@@ -185,16 +240,23 @@ def save_weights(folder: Path, model, info: dict) -> None:
 
 
 def load_weights(folder: Path, model) -> dict:
-    load_trainable_state(model, load_file(str(folder / "trainable.safetensors")))
-    return json.loads((folder / "info.json").read_text())
+    info = _read_json(folder / "info.json", ("step", "value"))
+    load_trainable_state(model, _read_tensors(folder / "trainable.safetensors"))
+    return info
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    """Complete step-N folders, newest first; half-written ones are ignored."""
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := STEP_DIR.match(p.name)) and is_complete(p)]
+    return [p for _, p in sorted(found, reverse=True)]
 
 
 def latest_checkpoint(root: Path) -> Optional[Path]:
     """The newest complete step-N folder; half-written ones are ignored."""
-    if not root.is_dir():
-        return None
-    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := STEP_DIR.match(p.name)) and is_complete(p)]
-    return max(found)[1] if found else None
+    found = complete_checkpoints(root)
+    return found[0] if found else None
 
 
 def prune_checkpoints(root: Path, keep: int) -> None:
@@ -206,5 +268,4 @@ def prune_checkpoints(root: Path, keep: int) -> None:
     for _, path in found:
         if not is_complete(path) and path not in complete:
             shutil.rmtree(path, ignore_errors=True)
-    for leftover in root.glob(".tmp-*"):
-        shutil.rmtree(leftover, ignore_errors=True)
+    remove_leftovers(root)

@@ -5,11 +5,13 @@ import sys
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import shared_data, write_csv, write_jsonl
 
 from tuneforge.data.load import DataError, load_file
-from tuneforge.data.prepare import InvalidRows, prepare_splits
+from tuneforge.data.prepare import prepare_splits
+from tuneforge.data.splits import InvalidRows
 from tuneforge.recipe import load_recipe
+
+from conftest import shared_data, write_csv, write_jsonl
 
 
 def _recipe(train, **data):

@@ -21,7 +21,7 @@ from tuneforge import api, gpu
 from tuneforge.data.render import IGNORE, Rendered
 from tuneforge.recipe import RecipeError, load_recipe
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CUDA = torch.cuda.is_available()
 no_cuda_only = pytest.mark.skipif(CUDA, reason="checks the error raised on machines without a CUDA GPU")
 
@@ -195,7 +195,8 @@ def test_bench_gpu_dry_run_writes_every_figure(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     assert set(result) == {"date", "host", "device", "dry_run", "packages", "settings", "flops_per_token",
-                           "peak_flops", "variants", "target"}
+                           "flops_per_token_legacy", "conditions", "peak_flops", "variants", "target"}
+    assert result["flops_per_token"] > 0 and result["flops_per_token_legacy"] > 0
     assert result["dry_run"] is True and result["settings"]["seq_len"] == 64
     plain = result["variants"]["plain"]
     for side in ("tuneforge", "baseline"):

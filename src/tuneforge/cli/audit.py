@@ -7,7 +7,7 @@ from typing import List, Optional
 
 import typer
 
-EXIT_GATE = 4
+from tuneforge.cli.common import EXIT_DATA, EXIT_GATE, EXIT_RECIPE, fail, load_recipe_or_exit
 
 
 def audit(
@@ -41,12 +41,12 @@ def audit(
     """Fairness audit: per-group metrics with 95% intervals, disparities (demographic parity, equalized odds,
     equal opportunity), counterfactual term swaps; for causal LMs CrowS-Pairs and generation sentiment.
 
-    Exit codes: 0 passed; 4 a fairness.thresholds limit crossed (release gate); 2 recipe/options; 3 data; 1 other.
+    Exit codes: 0 passed; 4 a fairness.thresholds limit crossed or the audit is inconclusive
+    ((near-)constant predictions) (release gate); 2 recipe/options; 3 data; 1 other.
     """
-    from tuneforge.cli import EXIT_DATA, EXIT_RECIPE, _fail
 
     if split not in ("test", "validation", "train"):
-        _fail(f"--split must be test, validation or train, got {split!r}", EXIT_RECIPE)
+        fail(f"--split must be test, validation or train, got {split!r}", EXIT_RECIPE)
     from tuneforge.data.load import DataError
     from tuneforge.fairness.target import audit_target
     from tuneforge.recipe import RecipeError
@@ -56,15 +56,17 @@ def audit(
                               device, positive, compare or [], crows, crows_limit, bias_type or [], sentiment,
                               max_new_tokens)
     except RecipeError as exc:
-        _fail(exc.render(), EXIT_RECIPE)
+        fail(exc.render(), EXIT_RECIPE)
     except DataError as exc:
-        _fail(f"data error: {exc}", EXIT_DATA)
+        fail(f"data error: {exc}", EXIT_DATA)
     except (ValueError, FileNotFoundError, KeyError) as exc:
-        _fail(f"error: {exc}", 1)
+        fail(f"error: {exc}", 1)
     _print(result)
+    if result["gate"].get("inconclusive"):  # exit 4 too: an audit that cannot judge must not pass
+        fail("fairness gate INCONCLUSIVE: " + "; ".join(result["gate"]["reasons"]), EXIT_GATE)
     if not result["gate"]["passed"]:
         failed = [c for c in result["gate"]["checks"] if not c["passed"]]
-        _fail("fairness gate FAILED: " + "; ".join(f"{c['check']}: {c['reason']}" for c in failed), EXIT_GATE)
+        fail("fairness gate FAILED: " + "; ".join(f"{c['check']}: {c['reason']}" for c in failed), EXIT_GATE)
 
 
 def _print(result: dict) -> None:
@@ -95,9 +97,11 @@ def _print(result: dict) -> None:
         console.print(f"generation sentiment ({gen['pairs']} prompt pairs): {a} {gen['mean_sentiment'][a]:.4f}, "
                       f"{b} {gen['mean_sentiment'][b]:.4f}, gap {gen['gap']:+.4f} "
                       f"[{gen['gap_ci'][0]:.4f}, {gen['gap_ci'][1]:.4f}]")
-    gate = result["gate"]
-    console.print(f"gate: {'passed' if gate['passed'] else 'FAILED'} "
-                  f"({sum(c['passed'] for c in gate['checks'])}/{len(gate['checks'])} checks)")
+    from tuneforge.fairness.audit import audit_warnings, gate_summary
+
+    for line in audit_warnings(result):
+        console.print(f"[bold yellow]warning: {line}")
+    console.print(gate_summary(result["gate"]))
     console.print(f"wrote {result['path']}/audit.json, audit.html, audit.md")
 
 
@@ -111,20 +115,19 @@ def mitigate(
     """Train the recipe once per fairness mitigation and compare them in one report:
     accuracy against disparity per mitigation (OUTPUT/audit/audit.html).
     Exit code 4 when the baseline crosses a fairness.thresholds limit."""
-    from tuneforge.cli import EXIT_DATA, _fail, _load
     from tuneforge.data.load import DataError
     from tuneforge.fairness.sweep import VARIANTS, mitigation_sweep
 
-    parsed = _load(recipe, [])
+    parsed = load_recipe_or_exit(recipe, [])
     chosen = list(variant or VARIANTS)
     if "baseline" not in chosen:
         chosen.insert(0, "baseline")
     try:
         result = mitigation_sweep(parsed, output, chosen, device=device, quiet=False)
     except DataError as exc:
-        _fail(f"data error: {exc}", EXIT_DATA)
-    except ValueError as exc:
-        _fail(f"error: {exc}", 1)
+        fail(f"data error: {exc}", EXIT_DATA)
+    except (ValueError, FileNotFoundError, FileExistsError) as exc:  # a pickle-only model folder among them
+        fail(f"error: {exc}", 1)
     typer.echo(f"audit: {result['path']}/audit.html")
     if not result.get("gate", {}).get("passed", True):
         raise typer.Exit(EXIT_GATE)

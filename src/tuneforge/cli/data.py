@@ -10,6 +10,8 @@ from typing import List, Optional
 
 import typer
 
+from tuneforge.cli.common import EXIT_DATA, fail, load_recipe_or_exit
+
 data_app = typer.Typer(no_args_is_help=True, add_completion=False)
 review_app = typer.Typer(no_args_is_help=True, add_completion=False)
 data_app.add_typer(review_app, name="review", help="Export flagged rows for human review; apply the decisions.")
@@ -53,7 +55,6 @@ def inspect(
     Splits, labels and imbalance, lengths in characters and tokens, truncation, empty values,
     duplicates, near-duplicate clusters, contamination, PII, encoding, outliers, likely label errors.
     """
-    from tuneforge.cli import EXIT_DATA, _fail, _load
     from tuneforge.data.inspect import (
         SUMMARY_HEADER,
         inspect_data,
@@ -61,18 +62,19 @@ def inspect(
         summary_rows,
         write_html,
     )
-    from tuneforge.data.load import DataError
+    from tuneforge.data.load import DataError, path_problem
     from tuneforge.fsio import atomic_write_json
 
     console = _console()
-    recipe = _load(target, overrides) if _is_recipe(target) else None
-    if recipe is None and not target.is_file():
-        _fail(f"error: {target}: no such file", EXIT_DATA)
+    recipe = load_recipe_or_exit(target, overrides) if _is_recipe(target) else None
+    problem = path_problem(target) if recipe is None else None
+    if problem is not None:
+        fail(f"data error: {target}: {problem}.", EXIT_DATA)
     try:
         report = inspect_data(recipe, None if recipe else str(target), model, label_rows=label_rows,
                               log=console.print)
     except DataError as exc:
-        _fail(f"data error: {exc}", EXIT_DATA)
+        fail(f"data error: {exc}", EXIT_DATA)
     console.print(_table("data summary", SUMMARY_HEADER, summary_rows(report)))
     if report["rejects"]:
         console.print("[yellow]malformed / empty rows: " + ", ".join(f"{k}: {v}" for k, v in report["rejects"].items()))
@@ -91,6 +93,24 @@ def inspect(
     atomic_write_json(output.with_suffix(".json"), public(report))
     console.print(f"wrote {output} and {output.with_suffix('.json')}; {len(report['flags'])} rows flagged "
                   "(`tuneforge data review export` lists them)")
+    _report_rejects(report["reject_rows"], output.with_suffix(".rejects.jsonl"),
+                    recipe.data.on_invalid if recipe is not None else "error")
+
+
+def _report_rejects(rejects: list, path: Path, on_invalid: str) -> None:
+    """Malformed rows as train reports them: the first 20 as file:line, all of
+    them in a JSONL file; exit 3 unless data.on_invalid is skip (train would stop too)."""
+    from tuneforge.data.splits import list_rejects, write_rejects
+
+    if not rejects:
+        path.unlink(missing_ok=True)  # an earlier run's list would no longer be true
+        return
+    write_rejects(path, rejects)
+    message = f"{len(rejects)} malformed row(s):\n{list_rejects(rejects)}\n(all of them: {path})"
+    if on_invalid == "skip":
+        typer.echo(message + "\ndata.on_invalid is skip: training leaves them out.", err=True)
+        return
+    fail(f"data error: {message}\nFix them, or set data.on_invalid=skip to train without them.", EXIT_DATA)
 
 
 def _print_steps(console, report: dict) -> None:
@@ -127,22 +147,21 @@ def prepare(
 
     Cached by content hash (inputs, settings, tokenizer): an unchanged re-run reads the cache.
     """
-    from tuneforge.cli import EXIT_DATA, _fail, _load
     from tuneforge.data.load import DataError
-    from tuneforge.data.prepare import InvalidRows, write_rejects
+    from tuneforge.data.splits import InvalidRows, write_rejects
     from tuneforge.data.studio import prepare_data, write_prepared
     from tuneforge.fsio import atomic_dir
 
-    parsed = _load(recipe, overrides)
+    parsed = load_recipe_or_exit(recipe, overrides)
     console = _console()
     out = output or Path("prepared") / (parsed.name or "data")
     try:
         splits = prepare_data(parsed, use_cache=False if no_cache else None, log=console.print)
     except InvalidRows as exc:
         write_rejects(out.with_name(out.name + ".rejects.jsonl"), exc.rejects)
-        _fail(f"data error: {exc}\n(all of them: {out.with_name(out.name + '.rejects.jsonl')})", EXIT_DATA)
+        fail(f"data error: {exc}\n(all of them: {out.with_name(out.name + '.rejects.jsonl')})", EXIT_DATA)
     except DataError as exc:
-        _fail(f"data error: {exc}", EXIT_DATA)
+        fail(f"data error: {exc}", EXIT_DATA)
     report = splits.report
     with atomic_dir(out) as tmp:
         write_prepared(tmp, splits)
@@ -167,14 +186,15 @@ def preview(
     recipe: Path = typer.Argument(..., help="Recipe YAML file."),
     overrides: Optional[List[str]] = typer.Argument(None, help="Dotted KEY=VALUE overrides."),
     samples: int = typer.Option(3, "--samples", "-n", min=1, help="How many training samples to show."),
-    html: Optional[Path] = typer.Option(None, "--html", help="Also write the preview as HTML (loss tokens highlighted)."),
+    html: Optional[Path] = typer.Option(
+        None, "--html", help="Also write the preview as HTML (loss tokens highlighted)."
+    ),
 ) -> None:
     """Show training samples exactly as the model sees them, loss tokens highlighted.
 
     Chat template applied, masked tokens dim, EOS and truncation marked; warns when the template
     has no generation marker, EOS is never trained, or more than 5% of samples are truncated.
     """
-    from tuneforge.cli import EXIT_DATA, _fail, _load
     from tuneforge.data.load import DataError
     from tuneforge.data.preview import (
         build_block_preview,
@@ -185,14 +205,14 @@ def preview(
     from tuneforge.data.studio import load_tokenizer, prepare_data
     from tuneforge.fsio import atomic_write_text
 
-    parsed = _load(recipe, overrides)
+    parsed = load_recipe_or_exit(recipe, overrides)
     console = _console()
     try:
         splits = prepare_data(parsed, log=console.print)
     except DataError as exc:
-        _fail(f"data error: {exc}", EXIT_DATA)
+        fail(f"data error: {exc}", EXIT_DATA)
     if splits.kind == "preference":
-        _fail("preview shows what a trainer sees, and no trainer takes preference data yet; "
+        fail("preview shows what a trainer sees, and no trainer takes preference data yet; "
               "`tuneforge data inspect` reports on it.", EXIT_DATA)
     tokenizer = load_tokenizer(parsed.model)
     max_length = parsed.train.max_length
@@ -217,23 +237,24 @@ def review_export(
     recipe: Path = typer.Argument(..., help="Recipe YAML file."),
     overrides: Optional[List[str]] = typer.Argument(None, help="Dotted KEY=VALUE overrides."),
     output: Path = typer.Option(Path("review.csv"), "--output", "-o", help="CSV to write."),
-    label_rows: int = typer.Option(20000, "--label-rows", min=10, help="Score at most this many rows for label errors."),
+    label_rows: int = typer.Option(
+        20000, "--label-rows", min=10, help="Score at most this many rows for label errors."
+    ),
 ) -> None:
     """Write flagged rows (label errors, duplicates, contamination, PII, outliers) to a CSV.
 
     Fill in 'decision' (keep / drop / relabel) and 'new_label', then run `review apply`.
     """
-    from tuneforge.cli import EXIT_DATA, _fail, _load
     from tuneforge.data.inspect import inspect_data
     from tuneforge.data.load import DataError
     from tuneforge.data.review import export_review
 
-    parsed = _load(recipe, overrides)
+    parsed = load_recipe_or_exit(recipe, overrides)
     console = _console()
     try:
         report = inspect_data(parsed, label_rows=label_rows, log=console.print)
     except DataError as exc:
-        _fail(f"data error: {exc}", EXIT_DATA)
+        fail(f"data error: {exc}", EXIT_DATA)
     n = export_review(report, output)
     console.print(f"wrote {n} flagged rows to {output}; fill in 'decision' (keep/drop/relabel) and 'new_label', "
                   f"then: tuneforge data review apply {output} --recipe {recipe}")
@@ -244,21 +265,21 @@ def review_apply(
     file: Path = typer.Argument(..., help="The reviewed CSV."),
     recipe: Optional[Path] = typer.Option(None, "--recipe", help="The recipe the rows came from (checks new labels)."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Decisions JSON to write "
-                                          "(default: the recipe's data.review_decisions, else FILE with .decisions.json)."),
+                                          "(default: the recipe's data.review_decisions, else FILE with "
+                                          ".decisions.json)."),
 ) -> None:
     """Validate a reviewed CSV and write the decisions JSON that prepare (and train) apply."""
-    from tuneforge.cli import EXIT_DATA, _fail, _load
     from tuneforge.data.load import DataError
     from tuneforge.data.review import parse_review, write_decisions
 
-    parsed = _load(recipe, []) if recipe else None
+    parsed = load_recipe_or_exit(recipe, []) if recipe else None
     labels = None
     if parsed is not None and parsed.task == "classification":
         labels = _known_labels(parsed)
     try:
         decisions, counts = parse_review(file, labels)
     except DataError as exc:
-        _fail(f"review error: {exc}", EXIT_DATA)
+        fail(f"review error: {exc}", EXIT_DATA)
     target = output or (Path(parsed.data.review_decisions) if parsed is not None and parsed.data.review_decisions
                         else file.with_suffix(".decisions.json"))
     write_decisions(decisions, counts, file, target)

@@ -5,9 +5,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT
 
 from tuneforge.recipe import RecipeError, load_recipe, parse_overrides
+
+from conftest import ROOT
 
 
 def test_shipped_recipes_validate():
@@ -26,7 +27,20 @@ def test_init_templates_validate(kind, tmp_path, sentiment_csv, dates_jsonl):
     text = resources.files("tuneforge.templates").joinpath(f"{kind}.yaml").read_text()
     data = sentiment_csv if kind == "classification" else dates_jsonl
     recipe = load_recipe(yaml.safe_load(text), [f"data.train={data}"])
-    assert recipe.task == kind
+    assert recipe.task == kind and recipe.data.train == str(data)
+    if kind == "classification":
+        assert (recipe.name, recipe.model, recipe.method.name) == ("my-classifier", "minilm-l6", "full")
+        assert (recipe.train.epochs, recipe.train.batch_size, recipe.train.max_length) == (3, 32, 128)
+        assert recipe.train.early_stopping_patience == 2 and recipe.metric_for_best == "f1_macro"
+    else:
+        assert (recipe.name, recipe.model, recipe.method.name) == ("my-assistant", "smollm2-135m-instruct", "lora")
+        assert (recipe.method.r, recipe.method.alpha, recipe.train.max_length) == (16, 32.0, 512)
+        assert recipe.eval.max_generate == 200 and recipe.metric_for_best == "loss"
+    # The starters leave the rate to the method, so switching method.name keeps one that learns.
+    assert recipe.train.learning_rate is None
+    rates = {m: load_recipe(yaml.safe_load(text), [f"data.train={data}", f"method.name={m}"]).learning_rate
+             for m in ("full", "lora")}
+    assert rates == ({"full": 5e-5, "lora": 5e-4} if kind == "classification" else {"full": 5e-5, "lora": 2e-4})
 
 
 def test_all_errors_reported_at_once_with_paths_and_hints(sentiment_csv):

@@ -5,14 +5,13 @@ planted-bias data set that the audit catches and every mitigation reduces."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 import random
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import shared_data, write_csv
 
 from tuneforge.fairness.audit import GroupAudit, _from_cells, representation_report
 from tuneforge.fairness.mitigate import (
@@ -23,6 +22,8 @@ from tuneforge.fairness.mitigate import (
     save_postprocessor,
 )
 from tuneforge.fairness.terms import load_lexicons
+
+from conftest import shared_data, write_csv
 
 # ------------------------------------------------------------ metrics
 
@@ -70,7 +71,7 @@ def test_group_metrics_match_fairlearn_and_hand_counts():
         lo, hi = a["ci"][metric]
         assert lo <= a[metric] <= hi
     lo, hi = d["ci"]["equalized_odds_difference"]
-    assert 0 <= lo <= hi <= 1
+    assert 0 <= lo < d["equalized_odds_difference"] < hi <= 1  # the interval holds the estimate (1/3), not a point
 
 
 def test_two_group_columns_add_the_intersection_and_unknown_rows_are_left_out():
@@ -221,7 +222,7 @@ def test_postprocessing_fits_the_groups_it_can_and_never_fails_the_run(tmp_path,
     here): that group keeps the model's decision; the others get thresholds."""
     from types import SimpleNamespace
 
-    from tuneforge.data.prepare import Splits
+    from tuneforge.data.splits import Splits
     from tuneforge.fairness.run import after_training
     from tuneforge.recipe import load_recipe
 
@@ -311,8 +312,34 @@ def test_crows_pairs_loglik_on_tiny_llama_matches_a_plain_forward_pass():
     expected = logp.gather(1, ids[0, 1:, None]).sum().item()
     assert ll[1] == pytest.approx(expected, rel=1e-4)
     res = crows_pairs_score(lambda s: sentence_loglik(model, tokenizer, s, 8, torch.device("cpu")), pairs, n_boot=50)
-    assert res["pairs"] == 12 and 0 <= res["stereotype_preference"] <= 1
+    assert res["pairs"] == 12
+    assert res["stereotype_preference"] == pytest.approx(_plain_crows_preference(pairs))
     assert sum(v["pairs"] for v in res["by_bias_type"].values()) == 12
+
+
+def _plain_crows_preference(pairs) -> float:
+    """Share of pairs whose stereotypical sentence tiny-llama finds more likely, from
+    plain forward passes (BOS + tokens, every token scored)."""
+    import torch
+
+    from tuneforge.catalog import resolve
+    from tuneforge.models import load_causal_lm, load_tokenizer
+
+    model, _, _ = load_causal_lm("tiny-llama")
+    tokenizer = load_tokenizer(resolve("tiny-llama"))
+
+    def loglik(sentence: str) -> float:
+        ids = torch.tensor([[tokenizer.bos_token_id] + tokenizer(sentence, add_special_tokens=False)["input_ids"]])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)
+        return logp.gather(1, ids[0, 1:, None]).sum().item()
+
+    prefers = []
+    for p in pairs:
+        stereo, other = ((p["sent_more"], p["sent_less"]) if p["stereo_antistereo"] == "stereo"
+                         else (p["sent_less"], p["sent_more"]))
+        prefers.append(loglik(stereo) > loglik(other))
+    return float(np.mean(prefers))
 
 
 # ------------------------------------------------------- planted bias, end to end
@@ -482,6 +509,11 @@ def test_causal_lm_audit_crows_pairs_and_generation_sentiment(bias_runs, tmp_pat
     assert result.exit_code == 0, result.output
     audit = json.loads((tmp_path / "lm" / "audit.json").read_text())
     assert audit["crows_pairs"]["pairs"] == 10 and list(audit["crows_pairs"]["by_bias_type"]) == ["gender"]
+    from tuneforge.fairness.counterfactual import read_crows_pairs
+
+    expected = _plain_crows_preference(read_crows_pairs(crows, limit=10, bias_types=["gender"]))
+    assert audit["crows_pairs"]["stereotype_preference"] == pytest.approx(expected)
+    assert audit["crows_pairs"]["by_bias_type"]["gender"]["stereotype_preference"] == pytest.approx(expected)
     gen = audit["generation_sentiment"]
     assert (gen["prompts"], gen["pairs"], gen["positive_label"]) == (4, 3, "pos")
     assert {e["prompt_male"] for e in gen["examples"]} == {"Tell me about his day.", "Describe my brother.",

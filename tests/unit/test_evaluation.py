@@ -141,8 +141,26 @@ def test_run_metrics_have_intervals_and_paired_test(trained_run):
         lo, hi = test["ci"][key]
         assert lo <= test[key] <= hi, key
     assert test["vs_baseline"]["test"] == "mcnemar_exact"
-    for key in ("f1_weighted", "pr_auc", "ece", "reliability"):
-        assert key in test
+    # Every number against one recomputed from the run's own tables.
+    n, cm = test["n"], np.array(test["confusion_matrix"]["matrix"])
+    assert test["accuracy"] == pytest.approx(np.trace(cm) / n)
+    per_class = test["per_class"]
+    assert test["f1_weighted"] == pytest.approx(sum(v["f1"] * v["support"] for v in per_class.values()) / n)
+    rel = test["reliability"]
+    assert sum(rel["count"]) == n
+    assert test["ece"] == pytest.approx(sum(c / n * abs(a - f) for c, a, f in
+                                            zip(rel["count"], rel["accuracy"], rel["confidence"]) if c))
+    # McNemar against the majority class, from the confusion matrix: the baseline is right on
+    # the majority label's row, the model on the diagonal.
+    from scipy.stats import binomtest
+
+    baseline = json.loads((trained_run / "metrics.json").read_text())["baseline"]
+    majority = test["confusion_matrix"]["labels"].index(baseline["majority_label"])
+    vs = test["vs_baseline"]
+    assert vs["a_only_correct"] - vs["b_only_correct"] == cm[majority].sum() - np.trace(cm)
+    assert baseline["accuracy"] == pytest.approx(cm[majority].sum() / n)
+    k = vs["a_only_correct"] + vs["b_only_correct"]
+    assert vs["p_value"] == pytest.approx(binomtest(vs["a_only_correct"], k, 0.5).pvalue if k else 1.0)
     details = json.loads((trained_run / "evaluation.json").read_text())
     assert set(details["robustness"]) == set(PERTURBATIONS)
 
@@ -176,7 +194,16 @@ def test_eval_command_on_a_run_folder(trained_run, tmp_path):
     out = evaluate_target(str(trained_run), split="validation", output=str(tmp_path / "ev"))
     result = json.loads((out / "eval.json").read_text())
     assert result["split"] == "validation" and result["metrics"]["n"] == 24
-    assert result["baseline"]["majority_label"] in ("neg", "pos")
+    # The saved model, reloaded, gives the numbers training wrote for the same rows.
+    trained = json.loads((trained_run / "metrics.json").read_text())["validation"]
+    for key in ("accuracy", "f1_macro", "roc_auc", "ece"):
+        assert result["metrics"][key] == pytest.approx(trained[key], abs=1e-6), key
+    # The baseline is the training split's majority label, scored on the validation rows.
+    splits = json.loads((trained_run / "manifest.json").read_text())["data"]["splits"]
+    train_counts, val_counts = splits["train"]["labels"], splits["validation"]["labels"]
+    majority = max(sorted(train_counts), key=train_counts.get)
+    assert result["baseline"]["majority_label"] == majority
+    assert result["baseline"]["accuracy"] == pytest.approx(val_counts.get(majority, 0) / 24)
     assert (out / "report.html").is_file()
     cfg = yaml.safe_load((out / "recipe.yaml").read_text())
     assert cfg["model"] == "tiny-bert"
@@ -190,7 +217,18 @@ def test_zero_shot_decoder_on_classification_data(tmp_path, sentiment_rows):
                           output=str(tmp_path / "zs"))
     result = json.loads((out / "eval.json").read_text())
     assert result["zero_shot"]["label_words"] == {"neg": "neg", "pos": "pos"}
-    assert result["metrics"]["n"] == 12 and 0 <= result["metrics"]["accuracy"] <= 1
+    assert result["metrics"]["n"] == 12
+    # The accuracy of the label-word likelihoods, recomputed straight from the model.
+    import torch
+
+    from tuneforge.inference import zero_shot_probs
+    from tuneforge.models import load_causal_lm
+
+    model, tok, _ = load_causal_lm("tiny-llama")
+    probs = zero_shot_probs(model, tok, [r["text"] for r in sentiment_rows[:12]], ["neg", "pos"],
+                            result["zero_shot"]["instruction"], 4, torch.device("cpu"))
+    truth = np.array([r["label"] == "pos" for r in sentiment_rows[:12]])
+    assert result["metrics"]["accuracy"] == pytest.approx(float(np.mean(probs.argmax(1) == truth)))
     numeric = write_csv(tmp_path / "n.csv", [{"text": r["text"], "label": int(r["label"] == "pos")}
                                              for r in sentiment_rows[:6]])
     with pytest.raises(ValueError, match="eval.label_words"):
@@ -228,7 +266,7 @@ def test_zero_shot_probs_are_normalised_label_likelihoods():
 
 
 def test_eval_of_a_run_whose_data_went_bad_names_file_and_line(trained_run, tmp_path):
-    from tuneforge.data.prepare import InvalidRows
+    from tuneforge.data.splits import InvalidRows
     from tuneforge.evaluate.target import evaluate_target
 
     recipe = yaml.safe_load((trained_run / "recipe.yaml").read_text())

@@ -6,7 +6,6 @@ import json
 import random
 
 import pytest
-from conftest import shared_data, write_csv, write_jsonl
 
 from tuneforge.data import studio
 from tuneforge.data.clean import encoding_anomalies, handle_urls, make_cleaner, nfkc, normalise_whitespace, strip_html
@@ -14,6 +13,8 @@ from tuneforge.data.load import DataError
 from tuneforge.data.neardup import NearDuplicates
 from tuneforge.data.pii import apply_pii, find_pii, luhn_valid
 from tuneforge.recipe import CleanConfig, load_recipe
+
+from conftest import shared_data, write_csv, write_jsonl
 
 
 @pytest.fixture(autouse=True)
@@ -143,8 +144,11 @@ def test_contamination_between_planted_train_and_test_rows(tmp_path):
     # 5 training rows are near-copies of test rows; 3 are near-copies of other training rows.
     train_rows += [{"text": base[i] + " again", "label": "a"} for i in (0, 4, 8, 12, 16)]
     train_rows += [{"text": base[40 + i].replace(" ", "  ") + " too", "label": "b"} for i in (0, 1, 2)]
-    recipe = _recipe(write_csv(tmp_path / "train.csv", train_rows), test=str(write_csv(tmp_path / "test.csv", test_rows)),
-                     near_dup={"enabled": True})
+    recipe = _recipe(
+        write_csv(tmp_path / "train.csv", train_rows),
+        test=str(write_csv(tmp_path / "test.csv", test_rows)),
+        near_dup={"enabled": True},
+    )
     splits = studio.prepare_data(recipe)
     _check_books(splits.report)
     step = next(s for s in splits.report["steps"] if s["step"] == "near_dup")
@@ -190,7 +194,12 @@ def test_counterfactual_augmentation_swaps_terms_in_train_only(tmp_path):
     rows += [{"text": f"neutral line number {i}", "label": "x" if i % 2 else "y", "group": "none"} for i in range(10)]
     test = write_csv(tmp_path / "test.csv", [{"text": "he is here", "label": "x", "group": "male"},
                                              {"text": "it is here", "label": "y", "group": "none"}])
-    recipe = _recipe(write_csv(tmp_path / "d.csv", rows), test=str(test), keep_columns=["group"], augment={"counterfactual": True, "lexicons": ["gender"]})
+    recipe = _recipe(
+        write_csv(tmp_path / "d.csv", rows),
+        test=str(test),
+        keep_columns=["group"],
+        augment={"counterfactual": True, "lexicons": ["gender"]},
+    )
     splits = studio.prepare_data(recipe)
     _check_books(splits.report)
     step = next(s for s in splits.report["steps"] if s["step"] == "augment")
@@ -235,7 +244,7 @@ def test_formats_are_detected_and_mapped(tmp_path):
     splits = studio.prepare_data(_recipe(same_premise))
     assert sum(len(p) for p in (splits.train, splits.validation, splits.test)) == 20  # pairs differ: no duplicates
     # The classification trainer joins a pair around the separator: the pair layout.
-    from tuneforge.data.prepare import Splits
+    from tuneforge.data.splits import Splits
     from tuneforge.trainers.classification import join_pairs
 
     tok = studio.load_tokenizer("tiny-bert")
@@ -396,8 +405,12 @@ def test_review_round_trip_applies_decisions_exactly(tmp_path):
     rows.append({"text": "call me on +44 20 7946 0958", "label": "pos"})  # PII, line 83
     data = write_csv(tmp_path / "d.csv", rows)
     held = _sentences(20, seed=10)
-    val = write_csv(tmp_path / "v.csv", [{"text": t, "label": "pos" if i % 2 else "neg"} for i, t in enumerate(held[:10])])
-    test = write_csv(tmp_path / "t.csv", [{"text": t, "label": "pos" if i % 2 else "neg"} for i, t in enumerate(held[10:])])
+    val = write_csv(
+        tmp_path / "v.csv", [{"text": t, "label": "pos" if i % 2 else "neg"} for i, t in enumerate(held[:10])]
+    )
+    test = write_csv(
+        tmp_path / "t.csv", [{"text": t, "label": "pos" if i % 2 else "neg"} for i, t in enumerate(held[10:])]
+    )
     recipe = tmp_path / "r.yaml"
     recipe.write_text(f"model: tiny-bert\ntask: classification\ndata:\n  train: {data}\n  validation: {val}\n"
                       f"  test: {test}\n")
@@ -435,7 +448,9 @@ def test_review_round_trip_applies_decisions_exactly(tmp_path):
     # Bad decisions are all reported, with csv:line, and nothing is written.
     bad = tmp_path / "bad.csv"
     bad.write_text("id,decision,new_label\nd.csv:9,relabel,\nd.csv:10,maybe,\nd.csv:11,relabel,meh\nd.csv:12,drop,\n")
-    result = runner.invoke(app, ["data", "review", "apply", str(bad), "--recipe", str(recipe), "-o", str(tmp_path / "x.json")])
+    result = runner.invoke(
+        app, ["data", "review", "apply", str(bad), "--recipe", str(recipe), "-o", str(tmp_path / "x.json")]
+    )
     assert result.exit_code == 3
     for fragment in (f"{bad}:2: decision 'relabel' needs a new_label", f"{bad}:3: decision 'maybe' is not one of",
                      f"{bad}:4: new_label 'meh' is not a known label"):
@@ -481,8 +496,11 @@ def test_html_reports_escape_the_data(tmp_path):
     page = write_html(report, tmp_path / "r.html", evil).read_text()
     page += to_html(Preview([Sample(0, [Token(1, evil, True, False)], False, 1, label=evil)]), 8, evil)
     audit = GroupAudit(n_boot=0).fit(["1", "0"] * 4, ["1", "1"] * 4, {"g": [evil, "b"] * 4}, labels=["0", "1"])
-    page += audit_page({"audit": audit.results_, "target": evil, "gate": audit.score({"equalized_odds_difference": 0.1})},
-                       evil, tmp_path)[0]
+    page += audit_page(
+        {"audit": audit.results_, "target": evil, "gate": audit.score({"equalized_odds_difference": 0.1})},
+        evil,
+        tmp_path,
+    )[0]
     assert "<script>" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
 
 
@@ -500,11 +518,14 @@ def test_inspect_writes_self_contained_report(tmp_path):
               {"text": base[55] + " again", "label": "a"}, {"text": "", "label": "a"}]
     test = [{"text": t, "label": "a" if i % 2 else "b"} for i, t in enumerate(base[50:])]
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(f"model: tiny-bert\ntask: classification\ndata:\n  train: {write_csv(tmp_path / 'tr.csv', train)}\n"
-                      f"  test: {write_csv(tmp_path / 'te.csv', test)}\n  validation: {tmp_path / 'te.csv'}\n")
+    recipe.write_text(
+        f"model: tiny-bert\ntask: classification\ndata:\n  train: {write_csv(tmp_path / 'tr.csv', train)}\n"
+        f"  test: {write_csv(tmp_path / 'te.csv', test)}\n  validation: {tmp_path / 'te.csv'}\n"
+    )
     html_path = tmp_path / "out" / "data_report.html"
     result = CliRunner().invoke(app, ["data", "inspect", str(recipe), "-o", str(html_path)])
-    assert result.exit_code == 0, result.output
+    # The empty text is a malformed row: listed as file:line, and exit 3 as train would stop.
+    assert result.exit_code == 3 and f"{tmp_path / 'tr.csv'}:55: empty text" in result.output, result.output
     page = html_path.read_text()
     assert page.count("data:image/png;base64,") == 3 and "http://" not in page and "https://" not in page
     report = json.loads(html_path.with_suffix(".json").read_text())
@@ -513,7 +534,12 @@ def test_inspect_writes_self_contained_report(tmp_path):
     assert train_info["labels"] == {"a": 35, "b": 18} and train_info["imbalance_ratio"] == round(35 / 18, 3)
     assert report["rejects"] == {"empty_or_missing": 1}
     assert report["contamination"]["train_rows"] == 1
-    assert 0 <= train_info["truncated_share"] <= 1 and "tokens median" in result.output
+    # Short sentences: none truncated at max_length 256; at max_length 8 every row over 8 tokens is.
+    assert train_info["truncated"] == 0 and train_info["truncated_share"] == 0.0 and "tokens median" in result.output
+    short = tmp_path / "out8" / "data_report.html"
+    CliRunner().invoke(app, ["data", "inspect", str(recipe), "train.max_length=8", "-o", str(short)])
+    info8 = json.loads(short.with_suffix(".json").read_text())["splits"]["train"]
+    assert 40 <= info8["truncated"] <= 53 and info8["truncated_share"] == round(info8["truncated"] / 53, 4)
 
 
 def test_prepare_command_twice_hits_the_cache(tmp_path, sentiment_csv):
@@ -571,10 +597,18 @@ def test_continued_pretraining_on_raw_text_trains_on_blocks(tmp_path):
 
     docs = write_jsonl(tmp_path / "raw.jsonl", [{"text": f"the tide table for harbour {i} reads high water at noon"}
                                                 for i in range(60)])
-    result = api.train({"model": "tiny-llama", "task": "sft", "data": {"train": str(docs)},
-                        "method": {"name": "full"},
-                        "train": {"max_length": 32, "epochs": 4, "batch_size": 4, "learning_rate": 3e-3, "log_every": 1},
-                        "eval": {"bootstrap": False}}, output=str(tmp_path / "cpt"), quiet=True)
+    result = api.train(
+        {
+            "model": "tiny-llama",
+            "task": "sft",
+            "data": {"train": str(docs)},
+            "method": {"name": "full"},
+            "train": {"max_length": 32, "epochs": 4, "batch_size": 4, "learning_rate": 3e-3, "log_every": 1},
+            "eval": {"bootstrap": False},
+        },
+        output=str(tmp_path / "cpt"),
+        quiet=True,
+    )
     log = [json.loads(line) for line in (tmp_path / "cpt" / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in log if "split" not in r and "loss" in r]
     assert losses[-1] < losses[0] - 1.0  # nats per token
@@ -591,7 +625,9 @@ def test_pair_classification_trains(tmp_path):
     for i in range(240):
         question = rng.choice(["is it sunny", "is it raining"])
         answer = rng.choice(["sun is out", "rain is falling"])
-        rows.append({"text": f"{question} number {i}", "text_pair": answer, "label": "yes" if "sun" in answer else "no"})
+        rows.append(
+            {"text": f"{question} number {i}", "text_pair": answer, "label": "yes" if "sun" in answer else "no"}
+        )
     data = write_jsonl(tmp_path / "pairs.jsonl", rows)
     result = api.train({"model": "tiny-bert", "task": "classification", "data": {"train": str(data)},
                         "method": {"name": "full"},

@@ -479,8 +479,8 @@ def test_full_queue_gets_429_and_slow_requests_504(runs):
             answers = list(pool.map(ask, [60] * 8))
         codes = sorted(a.status_code for a in answers)
         assert set(codes) == {200, 429} and codes.count(200) >= 2, codes
-        busy = next(a for a in answers if a.status_code == 429)
-        assert busy.headers["retry-after"] == "1" and busy.json()["error"]["type"] == "rate_limit_error"
+        for busy in (a for a in answers if a.status_code == 429):  # every one says when to retry
+            assert busy.headers["retry-after"] == "1" and busy.json()["error"]["type"] == "rate_limit_error"
         live.app.state.settings.request_timeout = 0.05  # read per request
         slow = ask(490)
         assert slow.status_code == 504 and slow.json()["error"]["code"] == "timeout", slow.json()
@@ -498,13 +498,14 @@ def test_an_adapter_removed_while_requests_wait_fails_them_in_openai_shape(runs)
     """Requests queued for an adapter that an admin removes get model_not_found:
     a JSON error, or an error event inside a stream whose 200 was already sent."""
     live = _serve("tiny-llama", adapters={"B": str(runs["sftB"])})
-    gate = threading.Event()
+    gate, begun = threading.Event(), threading.Event()
 
     def streamed():
         chunks = []
         try:
             for chunk in _chat(live.client(), "B", max_tokens=3, stream=True):
                 chunks.append(chunk)
+                begun.set()
         except openai.APIError as exc:
             return chunks, exc
         return chunks, None
@@ -512,10 +513,19 @@ def test_an_adapter_removed_while_requests_wait_fails_them_in_openai_shape(runs)
     try:
         live.app.state.batcher.pool.submit(gate.wait, 30)  # hold the model thread
         with concurrent.futures.ThreadPoolExecutor(3) as pool:
+            def until_in_flight(n):  # this /metrics request is one of them
+                for _ in range(300):
+                    if live.metric("tuneforge_requests_in_flight") >= n + 1:
+                        return
+                    time.sleep(0.05)
+
             removed = pool.submit(live.http, "DELETE", "/admin/adapters/B", ADMIN)
-            time.sleep(0.3)  # the removal queues on the model thread before the requests
+            until_in_flight(1)
+            time.sleep(0.1)  # the removal queues on the model thread before the requests
             plain, stream = pool.submit(lambda: _chat(live.client(), "B", max_tokens=3)), pool.submit(streamed)
-            time.sleep(0.3)
+            assert begun.wait(30)  # the stream's 200 and role delta are sent
+            until_in_flight(3)
+            time.sleep(0.2)
             gate.set()
             assert removed.result().json()["deleted"] is True
             with pytest.raises(openai.NotFoundError) as err:
@@ -631,20 +641,49 @@ def test_sigterm_drains_in_flight_requests_and_exits_0(runs):
                                     "messages": [{"role": "user", "content": f"hello {i}"}]})
             return resp, time.perf_counter()
 
+        # Keep-alive connections opened before SIGTERM, idle when it comes.
+        kept = [http.client.HTTPConnection("127.0.0.1", port, timeout=10) for _ in range(8)]
+        for conn in kept:
+            conn.request("GET", "/v1/models", headers={"Authorization": f"Bearer {key}"})
+            assert conn.getresponse().read() and conn.sock is not None  # still open: keep-alive
+        def in_flight() -> float:
+            metrics = httpx.get(url + "/metrics", headers={"Authorization": f"Bearer {key}"}, timeout=5).text
+            return float(next(line for line in metrics.splitlines()
+                              if line.startswith("tuneforge_requests_in_flight ")).split()[1])
+
+        def signal_seen() -> bool:  # /health turns 503, or the listening socket is closed
+            try:
+                return httpx.get(url + "/health", timeout=5).status_code == 503
+            except httpx.TransportError:
+                return True
+
         with concurrent.futures.ThreadPoolExecutor(3) as pool:
             pending = [pool.submit(slow, i) for i in range(3)]
-            time.sleep(0.4)
+            deadline = time.perf_counter() + 30
+            while in_flight() < 4 and time.perf_counter() < deadline:  # the three, and this /metrics call
+                time.sleep(0.05)
             signalled = time.perf_counter()
             proc.send_signal(signal.SIGTERM)
-            time.sleep(0.2)
-            try:  # a request after SIGTERM is turned away (503) or finds the socket closed
+            while not signal_seen() and time.perf_counter() < deadline:
+                time.sleep(0.05)
+            # Sent on the open connections while the drain runs: each gets a 503 that
+            # closes its connection (never a reset), /health too (load balancers stop).
+            for i, conn in enumerate(kept):
+                conn.request("GET", "/health" if i == 0 else "/v1/models", headers={"Authorization": f"Bearer {key}"})
+                resp = conn.getresponse()
+                assert (resp.status, resp.getheader("connection")) == (503, "close"), i
+                if i:
+                    assert resp.getheader("retry-after") == "1"
+                    assert json.loads(resp.read())["error"]["code"] == "shutting_down"
+                conn.close()
+            try:  # a new connection finds the listening socket closed (or, at worst, a 503)
                 late = httpx.get(url + "/v1/models", headers={"Authorization": f"Bearer {key}"}, timeout=5)
                 assert late.status_code == 503
-                assert httpx.get(url + "/health", timeout=5).status_code == 503  # load balancers stop sending
-            except httpx.TransportError:
+            except httpx.ConnectError:
                 pass
             answers, finished = zip(*[p.result() for p in pending])
         assert [a.status_code for a in answers] == [200, 200, 200]
+        assert [a.headers["connection"] for a in answers] == ["close"] * 3  # clients reconnect elsewhere
         assert min(finished) > signalled  # they were in flight when SIGTERM came
         for i, answer in enumerate(answers):  # each ran to its end: its budget, or EOS
             choice, used = answer.json()["choices"][0], answer.json()["usage"]["completion_tokens"]
@@ -716,5 +755,9 @@ def test_fairness_postprocessing_saved_with_a_model_decides_served_labels(runs, 
         assert [d["label"] for d in data] == ["pos", "neg", "pos"]
         assert all(d["postprocessed"] for d in data)
         assert [d["model_label"] for d in data] == [max(d["probabilities"], key=d["probabilities"].get) for d in data]
+        # A group the thresholds were not fitted on is refused (400), not a 500 and not a guess.
+        unseen = live.http("POST", "/v1/classify", json={"model": "fair", "input": TEXTS, "groups": ["a", "zz", "b"]})
+        assert unseen.status_code == 400 and unseen.json()["error"]["code"] == "unseen_group"
+        assert "'zz'" in unseen.json()["error"]["message"]
     finally:
         live.stop()

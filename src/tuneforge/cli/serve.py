@@ -8,7 +8,7 @@ from typing import List, Optional
 
 import typer
 
-from tuneforge.cli_common import Device, fail
+from tuneforge.cli.common import Device, fail
 
 
 class Engine(str, Enum):
@@ -57,6 +57,9 @@ def serve(
     max_queue: int = typer.Option(256, "--max-queue", min=1, help="Queued requests before answering 429."),
     request_timeout: float = typer.Option(60.0, "--timeout", min=0.01, help="Seconds per request (504 after)."),
     max_body_mb: float = typer.Option(2.0, "--max-body-mb", min=0.001, help="Request bodies over this get 413."),
+    max_request_tokens: int = typer.Option(16384, "--max-request-tokens", min=1,
+                                           help="Work per request in tokens (classify: the texts' tokens; "
+                                           "generation: prompt + max_tokens per sequence); over it, 400."),
     default_max_tokens: int = typer.Option(256, "--default-max-tokens", min=1,
                                            help="New tokens for a chat request without max_tokens."),
     request_log: Optional[str] = typer.Option(None, "--request-log", help="SQLite file: one row per request."),
@@ -93,14 +96,15 @@ def serve(
                    f"  {api_keys[0]}", err=True)
     if engine == Engine.vllm:
         _exec_vllm(target, adapters, host, port, name, api_keys)
-    from tuneforge.serve.app import Settings
     from tuneforge.serve.registry import TargetError
     from tuneforge.serve.server import run_server
+    from tuneforge.serve.service import Settings
 
     settings = Settings(max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue,
                         request_timeout=request_timeout, max_body=int(max_body_mb * 1024 * 1024),
-                        default_max_tokens=default_max_tokens, device=device.value, dtype=dtype.value,
-                        threads=threads, request_log=request_log, log_inputs=log_inputs.value)
+                        max_request_tokens=max_request_tokens, default_max_tokens=default_max_tokens,
+                        device=device.value, dtype=dtype.value, threads=threads, request_log=request_log,
+                        log_inputs=log_inputs.value)
 
     def ready(app) -> None:
         served = app.state.served
@@ -120,6 +124,10 @@ def _exec_vllm(target, adapters, host, port, name, api_keys) -> None:
     from tuneforge.serve import vllm
     from tuneforge.serve.registry import TargetError
 
+    try:
+        env = vllm.key_env(api_keys)
+    except ValueError as exc:
+        fail(f"error: {exc}", 2)
     why = vllm.unavailable()
     if why:
         fail(f"--engine vllm is not available here: {why}. The default --engine torch serves this model "
@@ -128,6 +136,5 @@ def _exec_vllm(target, adapters, host, port, name, api_keys) -> None:
         cmd = vllm.command(target, adapters, host, port, name)
     except TargetError as exc:
         fail(f"error: {exc}", 1)
-    if len(api_keys) > 1:
-        typer.echo("note: vLLM takes one API key; serving with the first", err=True)
-    os.execvpe(cmd[0], cmd, {**os.environ, "VLLM_API_KEY": api_keys[0]})
+    typer.echo(vllm.notice(), err=True)
+    os.execvpe(cmd[0], cmd, {**os.environ, **env})
