@@ -38,11 +38,18 @@ def write_pickle(path: Path, marker: Path) -> Path:
     return path
 
 
-def test_the_payload_really_runs_when_unpickled(tmp_path):
-    """The probe is meaningful: plain unpickling of the same payload writes its marker."""
+def test_the_payload_would_run_code_when_unpickled(tmp_path):
+    """The probe is meaningful: the pickle calls builtins.exec on the marker-writing
+    code when loaded (read from its opcodes, without unpickling it here)."""
+    import io
+    import pickletools
+
     marker = tmp_path / "ran"
-    pickle.loads(pickle.dumps(Payload(marker)))
-    assert marker.read_text() == "unpickled"
+    listing = io.StringIO()
+    pickletools.dis(pickle.dumps(Payload(marker)), out=listing)
+    ops = listing.getvalue()
+    assert "'builtins'" in ops and "'exec'" in ops and "REDUCE" in ops and str(marker) in ops
+    assert not marker.exists()
 
 
 def _pickle_only(src: Path, dest: Path, weights: str, marker: Path) -> Path:
