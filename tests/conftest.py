@@ -1,7 +1,7 @@
 """Shared fixtures. Tiers, one folder each: tests/unit (tiny random models,
 seconds each; `make test-fast`), tests/integration (the bundled real models,
-marker `integration`), tests/gpu (marker `gpu`, skipped without CUDA). A test's
-folder gives it its tier's marker."""
+marker `integration`, given by the folder), tests/gpu (the GPU path; tests marked
+`gpu` are skipped without CUDA, its CPU checks run everywhere)."""
 
 from __future__ import annotations
 
@@ -32,14 +32,15 @@ def pytest_collection_modifyitems(config, items):
     import torch
 
     for item in items:
-        tier = Path(item.fspath).parent.name
-        if tier in ("integration", "gpu"):
-            item.add_marker(getattr(pytest.mark, tier))
+        # The integration folder marks its tests; in tests/gpu only the tests marked
+        # `gpu` need CUDA (its CPU checks, refusals without CUDA and the dry run, still run).
+        if Path(item.fspath).parent.name == "integration":
+            item.add_marker(pytest.mark.integration)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
     for item in items:
-        if "gpu" in item.keywords:
+        if item.get_closest_marker("gpu") is not None:  # not item.keywords: the folder tests/gpu is one too
             item.add_marker(skip)
 
 
