@@ -82,3 +82,26 @@ def dates_jsonl(tmp_path) -> Path:
     from tuneforge.datagen import iso_dates
 
     return write_jsonl(tmp_path / "dates.jsonl", iso_dates(120, seed=1))
+
+
+def postprocessed_audit(tmp_path: Path, val: list[dict], test: list[dict], score: dict) -> dict:
+    """The end-of-training fairness step (equalized-odds post-processing by column
+    'g') on fixed positive-class scores per text, writing into tmp_path/model."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from tuneforge.data.splits import Splits
+    from tuneforge.fairness.run import after_training
+    from tuneforge.recipe import load_recipe
+
+    def predict(texts):
+        p = np.array([score[t] for t in texts])
+        return np.stack([1 - p, p], axis=1)
+
+    recipe = load_recipe({"model": "tiny-bert", "task": "classification", "data": {"train": "-"},
+                          "fairness": {"groups": ["g"], "postprocess": "equalized_odds", "bootstrap": 0}},
+                         check_files=False)
+    (tmp_path / "model").mkdir()
+    return after_training(recipe, SimpleNamespace(path=tmp_path, manifest={}), predict,
+                          Splits([], val, test, ["neg", "pos"]))

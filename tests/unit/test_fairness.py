@@ -220,11 +220,7 @@ def test_postprocessor_finds_groups_in_the_text_when_fitted_on_text_groups(tmp_p
 def test_postprocessing_fits_the_groups_it_can_and_never_fails_the_run(tmp_path, capsys):
     """Fairlearn cannot fit a group whose validation rows hold one label ('c'
     here): that group keeps the model's decision; the others get thresholds."""
-    from types import SimpleNamespace
-
-    from tuneforge.data.splits import Splits
-    from tuneforge.fairness.run import after_training
-    from tuneforge.recipe import load_recipe
+    from conftest import postprocessed_audit
 
     rng = np.random.default_rng(0)
     val = [{"text": f"v{i}", "label": ["neg", "pos"][i % 2], "g": ["a", "b"][(i // 2) % 2]} for i in range(80)]
@@ -232,24 +228,15 @@ def test_postprocessing_fits_the_groups_it_can_and_never_fails_the_run(tmp_path,
     test = [{"text": f"t{i}", "label": ["neg", "pos"][i % 2], "g": ["a", "b", "c"][i % 3]} for i in range(60)]
     score = {r["text"]: float(np.clip(0.3 + 0.4 * (r["label"] == "pos") - 0.2 * (r["g"] == "b") + rng.normal(0, 0.15),
                                       0, 1)) for r in val + test}
-
-    def predict(texts):
-        p = np.array([score[t] for t in texts])
-        return np.stack([1 - p, p], axis=1)
-
-    recipe = load_recipe({"model": "tiny-bert", "task": "classification", "data": {"train": "-"},
-                          "fairness": {"groups": ["g"], "postprocess": "equalized_odds", "bootstrap": 0}},
-                         check_files=False)
-    (tmp_path / "model").mkdir()
-    run = SimpleNamespace(path=tmp_path, manifest={})
-    result = after_training(recipe, run, predict, Splits([], val, test, ["neg", "pos"]))
+    result = postprocessed_audit(tmp_path, val, test, score)
     post = load_postprocessor(tmp_path / "model")
     assert set(post.thresholds.rules_) == {"a", "b"}
     assert "no post-processing thresholds for group(s) c" in capsys.readouterr().out
     names = [v["name"] for v in result["variants"]]
     assert names == ["model", "model + equalized_odds thresholds"]
     c_rows = [i for i, r in enumerate(test) if r["g"] == "c"]
-    decided = post(predict([r["text"] for r in test]), [r["g"] for r in test], random_state=0)
+    p = np.array([score[r["text"]] for r in test])
+    decided = post(np.stack([1 - p, p], axis=1), [r["g"] for r in test], random_state=0)
     assert [decided[i] for i in c_rows] == ["pos" if score[test[i]["text"]] >= 0.5 else "neg" for i in c_rows]
 
 

@@ -255,10 +255,7 @@ def test_postprocessing_refuses_groups_it_was_not_fitted_on(tmp_path):
 
 
 def test_a_run_audit_with_an_unseen_test_group_fails_the_gate_closed(tmp_path):
-    from types import SimpleNamespace
-
-    from tuneforge.data.splits import Splits
-    from tuneforge.fairness.run import after_training
+    from conftest import postprocessed_audit
 
     val = [{"text": f"v{i}", "label": ["neg", "pos"][i % 2], "g": ["a", "b"][(i // 2) % 2]} for i in range(80)]
     test = [{"text": f"t{i}", "label": ["neg", "pos"][i % 2], "g": ["a", "b", "new"][i % 3]} for i in range(60)]
@@ -266,16 +263,7 @@ def test_a_run_audit_with_an_unseen_test_group_fails_the_gate_closed(tmp_path):
     score = {r["text"]: float(np.clip(0.3 + 0.4 * (r["label"] == "pos") + rng.normal(0, 0.15), 0, 1))
              for r in val + test}
 
-    def predict(texts):
-        p = np.array([score[t] for t in texts])
-        return np.stack([1 - p, p], axis=1)
-
-    recipe = load_recipe({"model": "tiny-bert", "task": "classification", "data": {"train": "-"},
-                          "fairness": {"groups": ["g"], "postprocess": "equalized_odds", "bootstrap": 0}},
-                         check_files=False)
-    (tmp_path / "model").mkdir()
-    result = after_training(recipe, SimpleNamespace(path=tmp_path, manifest={}), predict,
-                            Splits([], val, test, ["neg", "pos"]))
+    result = postprocessed_audit(tmp_path, val, test, score)
     assert "'new'" in result["postprocessed"]["error"]
     gate = result["gate"]
     assert not gate["passed"] and gate["checks"][-1]["check"] == "post-processing covers every audited group"
