@@ -3,7 +3,9 @@
 - no import cycles between modules (a module importing its own package's
   `__init__` or a submodule of itself is not a cycle), counting imports inside
   functions too, since a deferred import only hides a cycle;
-- no underscored name imported from another module (shared pieces are public).
+- no underscored name imported from another module (shared pieces are public);
+- no function longer than MAX_FUNCTION_LINES, unless a comment on the line
+  above its `def` starts with "# long:" and says why.
 
 Prints every finding and exits 1 when there is any. Standard library only.
 """
@@ -45,6 +47,24 @@ def imports_of(name: str, path: Path, mods: dict[str, Path]) -> list[tuple[str, 
                     found.append((sub, "", node.lineno))
                 elif target in mods:
                     found.append((target, alias.name, node.lineno))
+    return found
+
+
+MAX_FUNCTION_LINES = 80
+
+
+def long_functions(path: Path) -> list[str]:
+    """Functions over MAX_FUNCTION_LINES lines (decorators excluded) without a `# long:` reason above them."""
+    text = path.read_text(encoding="utf-8")
+    lines = text.splitlines()
+    found = []
+    for node in ast.walk(ast.parse(text, filename=str(path))):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            length = node.end_lineno - node.lineno + 1
+            above = lines[node.lineno - 2].strip() if node.lineno >= 2 else ""
+            if length > MAX_FUNCTION_LINES and not above.startswith("# long:"):
+                found.append(f"{path}:{node.lineno}: function {node.name} is {length} lines "
+                             f"(over {MAX_FUNCTION_LINES}; split it, or say why in a '# long:' comment above)")
     return found
 
 
@@ -93,6 +113,7 @@ def check(root: Path) -> list[str]:
     edges: dict[str, set[str]] = {m: set() for m in mods}
     problems = []
     for name, path in mods.items():
+        problems += long_functions(path)
         for target, imported, line in imports_of(name, path, mods):
             if imported.startswith("_") and not imported.startswith("__") and target != name:
                 problems.append(f"{path}:{line}: imports the private name {imported!r} from {target}")

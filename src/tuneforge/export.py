@@ -17,9 +17,12 @@ import shutil
 from pathlib import Path
 from typing import Optional
 
-from tuneforge import __version__, safeyaml
+from tuneforge import __version__, kinds, safeyaml
 from tuneforge.console import console
 from tuneforge.fsio import atomic_dir, sha256_file
+from tuneforge.kinds import CAUSAL_LM, CLASSIFIER, REWARD, ModelKind
+from tuneforge.methods import METHODS
+from tuneforge.methods import describe as describe_method
 
 ATOL = 1e-4
 SFT_PROMPTS = ["Convert to YYYY-MM-DD: 5 May 2001", "Write one sentence about the sea.", "What is 12 times 7?"]
@@ -30,7 +33,7 @@ class ExportError(RuntimeError):
     """The export would not be what the run produced; nothing was written."""
 
 
-def _sample_texts(run: Path, recipe: dict) -> tuple[list[str], str]:
+def _sample_texts(run: Path, kind: ModelKind) -> tuple[list[str], str]:
     """A few real inputs from the run's test split when it still reads, else fixed
     ones; and which of the two it was (said in the output and the manifest)."""
     from tuneforge.data.load import DataError
@@ -44,11 +47,14 @@ def _sample_texts(run: Path, recipe: dict) -> tuple[list[str], str]:
     except (DataError, OSError, ValueError) as exc:  # the data changed
         rows, why = [], f"the run's data does not read: {str(exc).splitlines()[0][:200]}"
     if rows:
-        if recipe["task"] == "classification":
+        if kind.name == CLASSIFIER or "text" in rows[0]:
             return [r["text"] for r in rows], f"test split: {len(rows)} rows"
+        if kind.name == REWARD:  # preference rows: each prompt with either response, as the head scores them
+            return [f"{r['prompt']} {r[side]}" for r in rows for side in ("chosen", "rejected")], \
+                f"test split: {len(rows)} preference rows, both responses"
         return [r["prompt"] if "prompt" in r else next(m["content"] for m in r["messages"] if m["role"] == "user")
                 for r in rows], f"test split: {len(rows)} rows"
-    fixed = CLS_TEXTS if recipe["task"] == "classification" else SFT_PROMPTS
+    fixed = CLS_TEXTS if kind.name in (CLASSIFIER, REWARD) else SFT_PROMPTS
     inputs = f"fallback: {len(fixed)} fixed strings (no test split: {why})"
     console.print(f"[yellow]warning: the export check runs on {len(fixed)} fixed strings, not the run's test split "
                   f"({why})")
@@ -70,7 +76,7 @@ def final_weights(run: Path) -> Path:
     return folder / "trainable.safetensors"
 
 
-def _checkpoint_model(run: Path, recipe: dict, exported):
+def _checkpoint_model(run: Path, recipe: dict, kind: ModelKind, exported):
     """Independent of run/model: the base model with the final checkpoint's
     trained tensors put in (all of them for full, the unfrozen ones for freeze)."""
     import torch
@@ -79,7 +85,7 @@ def _checkpoint_model(run: Path, recipe: dict, exported):
     from tuneforge.models import load_causal_lm, load_classifier
 
     weights = final_weights(run)
-    if recipe["task"] == "classification":
+    if kind.name in (CLASSIFIER, REWARD):  # a reward model: one label, so a one-output head
         labels = [exported.config.id2label[i] for i in range(exported.config.num_labels)]
         model = load_classifier(recipe["model"], labels)[0]
     else:
@@ -95,30 +101,32 @@ def _checkpoint_model(run: Path, recipe: dict, exported):
     return model, f"{recipe['model']} + {weights.relative_to(run)}"
 
 
-def _reference(run: Path, recipe: dict, cls, exported):
+def _reference(run: Path, recipe: dict, kind: ModelKind, exported):
     """(model, description): base + adapter for LoRA, base + final checkpoint otherwise."""
     from tuneforge import catalog
     from tuneforge.models import load_adapter, load_pretrained
 
     adapter = run / "model" / "adapter"
     if not adapter.is_dir():
-        return _checkpoint_model(run, recipe, exported)
+        return _checkpoint_model(run, recipe, kind, exported)
     kwargs = {}
-    if recipe["task"] == "classification":
+    if kind.name in (CLASSIFIER, REWARD):
+        # the exported head's shape, and its pad token (a decoder's head reads the last non-pad token)
         kwargs = {"num_labels": exported.config.num_labels, "id2label": exported.config.id2label,
-                  "label2id": exported.config.label2id}
-    base = load_pretrained(cls, catalog.resolve(recipe["model"]), **kwargs)
+                  "label2id": exported.config.label2id, "pad_token_id": exported.config.pad_token_id}
+    base = load_pretrained(kind.auto(), catalog.resolve(recipe["model"]), **kwargs)
     return load_adapter(base, str(adapter)), "base + adapter"
 
 
-def _compare(exported, reference, tokenizer, task: str, texts: list[str]) -> tuple[float, bool]:
+def _compare(exported, reference, tokenizer, kind: ModelKind, texts: list[str]) -> tuple[float, bool]:
     """(max |logit difference|, greedy tokens equal) over `texts`, in float64: in
     float32 the two computation orders (W + BA vs Wx + BAx) alone differ by ~1e-4
     on a 30-layer model, which would hide or fake a damaged merge."""
     import torch
 
     exported, reference = exported.double(), reference.double()
-    if task == "sft":
+    generates = kind.name == CAUSAL_LM
+    if generates:
         from tuneforge.data.render import encode_prompt
 
         prompts = [encode_prompt(tokenizer, [{"role": "user", "content": t}]) for t in texts]
@@ -129,7 +137,7 @@ def _compare(exported, reference, tokenizer, task: str, texts: list[str]) -> tup
         for ids in prompts:
             x = torch.tensor([ids])
             worst = max(worst, float((exported(x).logits - reference(x).logits).abs().max()))
-            if task == "sft":
+            if generates:
                 ga = exported.generate(x, max_new_tokens=16, do_sample=False, pad_token_id=tokenizer.pad_token_id)
                 gb = reference.generate(input_ids=x, max_new_tokens=16, do_sample=False,
                                         pad_token_id=tokenizer.pad_token_id)
@@ -141,18 +149,16 @@ def check_equivalence(run: Path, recipe: dict, candidate: Path) -> dict:
     """Reload `candidate` (the folder to export) from disk and compare it with an
     independent reference: the base + adapter for LoRA, the base + the final
     checkpoint's tensors for full and freeze."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
-    from tuneforge.models import load_pretrained, load_tokenizer, quiet_transformers
+    from tuneforge.models import load_pretrained, load_tokenizer, model_kind, quiet_transformers
 
     quiet_transformers()
-    task = recipe["task"]
-    cls = AutoModelForSequenceClassification if task == "classification" else AutoModelForCausalLM
-    exported = load_pretrained(cls, str(candidate)).eval()
-    reference, described = _reference(run, recipe, cls, exported)
-    texts, inputs = _sample_texts(run, recipe)
-    worst, same_tokens = _compare(exported, reference.eval(), load_tokenizer(str(candidate)), task, texts)
-    report = {"samples": len(texts), "inputs": inputs, "max_abs_logit_diff": worst, "greedy_tokens_equal": same_tokens,
+    kind = model_kind(str(candidate))  # what the model is, whatever objective trained it
+    exported = load_pretrained(kind.auto(), str(candidate)).eval()
+    reference, described = _reference(run, recipe, kind, exported)
+    texts, inputs = _sample_texts(run, kind)
+    worst, same_tokens = _compare(exported, reference.eval(), load_tokenizer(str(candidate)), kind, texts)
+    report = {"model_kind": kind.name, "samples": len(texts), "inputs": inputs, "max_abs_logit_diff": worst,
+              "greedy_tokens_equal": same_tokens,
               "reference": described, "atol": ATOL}
     if worst > ATOL or not same_tokens:
         raise ExportError(
@@ -165,7 +171,7 @@ def check_equivalence(run: Path, recipe: dict, candidate: Path) -> dict:
 
 def _model_card(recipe: dict, manifest: dict, metrics: dict, equivalence: dict) -> str:
     test, base = metrics.get("test") or {}, metrics.get("baseline") or {}
-    baseline_name = "majority class" if recipe["task"] == "classification" else "base model"
+    baseline_name = kinds.get(equivalence["model_kind"]).baseline
     rows = ["| metric | fine-tuned | " + baseline_name + " |", "|---|---|---|"]
     for key, value in test.items():
         if isinstance(value, float):
@@ -183,8 +189,8 @@ def _model_card(recipe: dict, manifest: dict, metrics: dict, equivalence: dict) 
         f"# {recipe.get('name') or 'tuneforge model'}", "",
         f"Fine-tuned with tuneforge {__version__} from base model `{recipe['model']}` for **{recipe['task']}**.", "",
         "## Training", "",
-        f"- Method: {method['name']}" + (f" (r={method['r']}, alpha={method['alpha']}, merged into the weights)"
-                                        if method["name"] in ("lora", "qlora") else ""),
+        f"- Method: {describe_method(method)}" + (", merged into the weights" if (module := METHODS.get(method["name"]))
+                                                  and module.ADAPTER else ""),
         f"- Optimizer {recipe['train']['optimizer']}, learning rate {recipe['train']['learning_rate'] or 'default'}, "
         f"batch {recipe['train']['batch_size']}, max_length {recipe['train']['max_length']}, seed "
         f"{recipe['train']['seed']}",

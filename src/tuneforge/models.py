@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from tuneforge import catalog
+from tuneforge import catalog, kinds
 
 SAFE_MODEL_FILES = ("model.safetensors", "model.safetensors.index.json")
 SAFE_ADAPTER_FILE = "adapter_model.safetensors"
@@ -156,6 +156,17 @@ def load_config(path: str, **kwargs):
     return AutoConfig.from_pretrained(path, trust_remote_code=False, **kwargs)
 
 
+def model_kind(model_path: str) -> kinds.ModelKind:
+    """The kind of the model at `model_path`, from its config; ValueError when it is none of them."""
+    config = load_config(model_path)
+    archs = config.architectures or []
+    kind = kinds.kind_of_architectures(archs, config.num_labels)
+    if kind is None:
+        raise ValueError(f"{model_path}: cannot tell the model kind from architectures {archs}; "
+                         "is it a fine-tuned model?")
+    return kind
+
+
 def load_pretrained(auto_class, path: str, options: Optional[dict] = None, **kwargs):
     """`auto_class.from_pretrained` with pretrained_options(...) (or plain keywords):
     safetensors only, remote code never trusted. Hub ids go to transformers with
@@ -216,7 +227,8 @@ def load_adapter(model, ref: str, adapter_name: str = "default", merge: bool = F
 
 def load_options(recipe) -> dict:
     """The recipe's loading settings as load_causal_lm / load_classifier keywords."""
-    return {"quantize_4bit": recipe.method.name == "qlora", "attn_implementation": recipe.train.attn_implementation}
+    return {"quantize_4bit": False, **recipe.method.load_options(),
+            "attn_implementation": recipe.train.attn_implementation}
 
 
 def load_causal_lm(ref: str, dropout: Optional[float] = None, quantize_4bit: bool = False,

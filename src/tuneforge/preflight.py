@@ -29,7 +29,6 @@ from tuneforge.recipe import Recipe
 GIB = 1024 ** 3
 # Bytes of optimizer state per trainable parameter (float32 moments).
 OPTIMIZER_BYTES = {"adamw": 8, "sgd": 0, "rmsprop": 4}
-HEAD_NAMES = ("classifier", "score", "lm_head")
 # float32 values kept for backward per token, hidden unit and layer: a floor
 # (Korthikanti et al. 2022 count about 17 in 16-bit, attention scores apart;
 # LoRA SFT of smollm2 at 8 x 512 tokens peaks at 7.0 GB, this counts 5.1 GB).
@@ -93,58 +92,24 @@ def max_positions(config) -> Optional[int]:
 
 
 def _meta_model(recipe: Recipe, config):
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
-    auto = AutoModelForSequenceClassification if recipe.task == "classification" else AutoModelForCausalLM
     with torch.device("meta"):
-        return auto.from_config(config)
+        return recipe.model_kind.auto().from_config(config)
 
 
 def estimate_memory(recipe: Recipe, config) -> Estimate:
+    from tuneforge.methods import METHODS
+
     model = _meta_model(recipe, config)
     total = sum(p.numel() for p in model.parameters())
-    name = recipe.method.name
-    if name in ("lora", "qlora"):
-        # adapters, plus the task head peft trains whole (modules_to_save)
-        trainable = lora_parameters(model, recipe.method.r, recipe.method.target_modules) + sum(
-            p.numel() for n, p in model.named_parameters()
-            if recipe.task == "classification" and any(h in n.split(".") for h in HEAD_NAMES))
-        stored = 4 * trainable  # new tensors beside the base weights
-    elif name == "freeze":
-        trainable = _freeze_parameters(model, recipe)
-        stored = 0
-    else:
-        trainable, stored = total, 0
-    per_param = 4 + OPTIMIZER_BYTES[recipe.train.optimizer]  # gradient + moments (float32)
-    weight_bytes = total // 2 if name == "qlora" else 4 * total  # NF4 plus its float scales, roughly
-    return Estimate(total, trainable, weight_bytes, stored + per_param * trainable, _activations(recipe, config))
-
-
-def lora_parameters(model, r: int, targets) -> int:
-    """r * (in + out) for every adapted linear layer (output heads excluded, as peft's all-linear does)."""
-    count = 0
-    for module_name, module in model.named_modules():
-        if not isinstance(module, torch.nn.Linear):
-            continue
-        leaf = module_name.rsplit(".", 1)[-1]
-        if targets == "all-linear":
-            if any(part in HEAD_NAMES for part in module_name.split(".")):
-                continue
-        elif leaf not in targets:
-            continue
-        count += r * (module.in_features + module.out_features)
-    return count
-
-
-def _freeze_parameters(model, recipe: Recipe) -> int:
-    """What methods.freeze leaves trainable, counted on the meta model."""
-    from tuneforge.methods import freeze
-
+    module = METHODS[recipe.method.name]
     try:
-        freeze.prepare(model, recipe.method, recipe.task)
-    except ValueError as exc:  # more trainable layers than the model has
-        raise PreflightError(f"method.trainable_layers: {exc}") from None
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+        trainable = module.trainable_parameters(model, recipe.method, recipe.model_kind)
+    except ValueError as exc:  # e.g. more trainable layers than the model has (freeze)
+        raise PreflightError(f"method {recipe.method.name}: {exc}") from None
+    stored = 4 * trainable if module.ADAPTER else 0  # adapters are new tensors beside the base weights
+    per_param = 4 + OPTIMIZER_BYTES[recipe.train.optimizer]  # gradient + moments (float32)
+    weight_bytes = int(module.WEIGHT_BYTES * total)
+    return Estimate(total, trainable, weight_bytes, stored + per_param * trainable, _activations(recipe, config))
 
 
 def _activations(recipe: Recipe, config) -> int:
@@ -190,7 +155,7 @@ def _too_big(recipe: Recipe, est: Estimate, free: int, device: torch.device) -> 
                 "train.max_length" + ("" if recipe.train.gradient_checkpointing else
                                       ", or set train.gradient_checkpointing: true"))
     elif biggest == "trainable state":
-        hint = ("lower method.r" if recipe.method.name in ("lora", "qlora") else
+        hint = ("lower method.r" if "r" in type(recipe.method).model_fields else
                 "use method.name: lora, or method.name: freeze with a small method.trainable_layers")
     else:
         hint = "choose a smaller model" + ("" if device.type == "cuda" else " or a GPU")

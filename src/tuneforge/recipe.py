@@ -6,23 +6,27 @@ Kept free of torch/transformers imports so that validating a recipe (and
 
 from __future__ import annotations
 
+import copy
 import difflib
 import os
 import re
+import sys
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import (
     BaseModel,
-    ConfigDict,
     Field,
     ValidationError,
     ValidationInfo,
     field_validator,
     model_validator,
 )
+from pydantic.fields import FieldInfo
 
-from tuneforge import catalog, safeyaml
+from tuneforge import catalog, kinds, objectives, safeyaml
+from tuneforge.methods import METHODS, lora
+from tuneforge.section import MAX_RANK, Section  # noqa: F401  (MAX_RANK: the bound on method.r)
 
 DATA_FORMATS = ("auto", "csv", "tsv", "json", "jsonl", "parquet")
 
@@ -32,17 +36,9 @@ DATA_FORMATS = ("auto", "csv", "tsv", "json", "jsonl", "parquet")
 MAX_STEPS = 100_000_000
 MAX_TOKENS = 1_048_576  # train.max_length; the model's own limit is checked before loading (preflight)
 MAX_BATCH = 65_536
-MAX_RANK = 4096
 MAX_ROWS = 1_000_000_000
 MAX_GENERATE = 100_000_000
 MAX_SCHEMA_NODES = 10_000
-
-
-class Section(BaseModel):
-    """Every recipe section: unknown keys refused, assignments validated, and no
-    float field takes inf or nan (`.inf` would train with lr nan)."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class CleanConfig(Section):
@@ -194,22 +190,13 @@ class DataConfig(Section):
         return v
 
 
-class MethodConfig(Section):
-    name: Literal["full", "freeze", "lora", "qlora"] = Field(
-        "lora", description="full: train every weight; freeze: train only the top layers and head; "
-        "lora: low-rank adapters (peft); qlora: LoRA adapters over a 4-bit NF4 base model (bitsandbytes, "
-        "double quantisation, bf16 compute; sft only; needs a CUDA GPU and `pip install 'tuneforge[gpu]'`)."
-    )
-    r: int = Field(8, ge=1, le=MAX_RANK, description="LoRA rank.")
-    alpha: float = Field(16.0, gt=0, le=1e6, description="LoRA scaling alpha (effective scale alpha / r).")
-    dropout: float = Field(0.05, ge=0, lt=1, description="LoRA dropout on the adapter input.")
-    target_modules: Union[Literal["all-linear"], list[str]] = Field(
-        "all-linear", description="LoRA: module names to adapt, or 'all-linear' (every linear layer but the output "
-                                  "head)."
-    )
-    trainable_layers: int = Field(
-        2, ge=0, le=10_000, description="freeze: number of top transformer layers left trainable (head always trains)."
-    )
+def method_union():
+    """The type of `recipe.method`: the union of every method's Config, told apart by `name`."""
+    configs = tuple(module.Config for module in METHODS.values())
+    return Annotated[Union[configs], Field(discriminator="name")]
+
+
+MethodConfig = method_union()  # every method's section; methods.METHODS[name].Config is one
 
 
 class DistributedConfig(Section):
@@ -387,6 +374,43 @@ class FairnessThresholds(Section):
         "terms are swapped.")
 
 
+class AlignmentConfig(Section):
+    """Settings of the preference objectives (task reward, dpo)."""
+
+    loss_type: Literal["sigmoid", "ipo", "hinge", "simpo", "orpo"] = Field(
+        "sigmoid", description="dpo: sigmoid (DPO), ipo (squared loss on length-normalised log-ratios), hinge "
+        "(SLiC), simpo (reference-free, length-normalised, target margin gamma), orpo (reference-free odds ratio "
+        "plus the chosen NLL).")
+    beta: float = Field(0.1, gt=0, le=100, description="dpo: the KL strength (the implicit reward is beta * "
+                                                        "log-ratio); ipo's tau; simpo/orpo's scale.")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="dpo sigmoid/simpo: the assumed share of "
+                                                                   "flipped preference labels (conservative DPO).")
+    gamma: float = Field(0.5, ge=0, le=100, description="simpo: the target reward margin.")
+    sft_weight: float = Field(0.0, ge=0, le=100, description="dpo: weight of the chosen response's NLL mixed into "
+                                                              "the loss (orpo has its own).")
+    center_coefficient: float = Field(
+        0.01, ge=0, le=100, description="reward: weight of the centring term mean((r_chosen + r_rejected)^2), "
+        "which keeps scores near 0.")
+    rewards: list[str] = Field(
+        default_factory=lambda: ["exact_match"], description="grpo: what scores a sampled completion, summed: "
+        "'exact_match' (1 when it equals the reference answer, whitespace-normalised), 'format' (partial credit: "
+        "1 - normalised edit distance to the reference, so a group is rarely all-zero), the name of an "
+        "eval.scorers entry (regex, json_schema, module:function), or 'reward_model' (the reward run named by "
+        "reward_model).")
+    group_size: int = Field(4, ge=2, le=256, description="grpo: completions sampled per prompt; advantages are "
+                                                         "normalised within each group.")
+    temperature: float = Field(1.0, gt=0, le=10, description="grpo: sampling temperature of the completions.")
+    max_completion_tokens: int = Field(32, ge=1, le=MAX_TOKENS, description="grpo: tokens sampled per completion.")
+    clip_epsilon: float = Field(0.2, gt=0, le=10, description="grpo: the PPO clip range of the probability ratio.")
+    kl_coefficient: float = Field(
+        0.0, ge=0, le=100, description="grpo: weight of the k3 KL penalty to the reference (the model before "
+        "training: an adapter method's base with the adapter off). 0, as current practice, needs no reference.")
+    grpo_loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = Field(
+        "dapo", description="grpo: how per-token losses are averaged: dapo (over all tokens of the batch), grpo "
+        "(per sequence, then over sequences), bnpo, dr_grpo (over max_completion_tokens).")
+    scale_rewards: bool = Field(True, description="grpo: divide advantages by their group's standard deviation.")
+
+
 class FairnessConfig(Section):
     groups: list[str] = Field(
         default_factory=list, description="Group columns for audits and mitigations (also list them in "
@@ -428,19 +452,6 @@ class FairnessConfig(Section):
                     or self.postprocess != "none" or self.inprocessing != "none")
 
 
-# Peak learning rate when train.learning_rate is not set, by (method, task).
-# LoRA trains few weights and a new classification head from scratch, so it
-# wants a rate ten times full fine-tuning's: the starter classification recipe
-# with method.name=lora reaches 0.83+ on SST-2 at 5e-4 and 0.80 at 2e-4
-# (tests/integration/test_recipe_defaults.py, bench/results/*-lora-starter-sst2.json).
-DEFAULT_LEARNING_RATES = {
-    ("full", "classification"): 5e-5, ("full", "sft"): 5e-5,
-    ("freeze", "classification"): 5e-5, ("freeze", "sft"): 5e-5,
-    ("lora", "classification"): 5e-4, ("lora", "sft"): 2e-4,
-    ("qlora", "classification"): 5e-4, ("qlora", "sft"): 2e-4,
-}
-
-
 def run_name_problem(name: str) -> Optional[str]:
     """None when `name` can be a run folder's name (one path component under the
     output root); else why not, with a hint."""
@@ -461,15 +472,25 @@ def default_run_name(stem: str) -> str:
 class Recipe(Section):
     name: Optional[str] = Field(None, description="Run name; default: the recipe file name.")
     model: str = Field(description="A catalogue name (see `tuneforge models`), a local HF folder, or a hub id.")
-    task: Literal["classification", "sft"] = Field(description="classification (encoder + head) or sft (causal LM).")
+    task: str = Field(description="The objective (tuneforge.objectives): classification (a classifier head, "
+                                  "usually on an encoder) or sft (a causal LM: supervised fine-tuning, or continued "
+                                  "pre-training on raw text).")
     device: Literal["auto", "cpu", "cuda", "mps"] = Field("auto", description="Where to train; auto picks CUDA when "
                                                                               "present.")
     data: DataConfig = Field(description="Where the data is and how its columns map to the task.")
-    method: MethodConfig = Field(default_factory=MethodConfig, description="How the model is adapted.")
+    method: MethodConfig = Field(
+        default_factory=lora.Config, description="How the model is adapted: method.name picks one of "
+        "tuneforge.methods.METHODS (full, freeze, lora, dora, ia3, qlora) and the other keys are that method's.")
     train: TrainConfig = Field(default_factory=TrainConfig, description="Optimisation settings.")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation settings.")
     fairness: FairnessConfig = Field(
         default_factory=FairnessConfig, description="Bias audit by group, the release gate, and mitigations.")
+    alignment: AlignmentConfig = Field(
+        default_factory=AlignmentConfig, description="Preference objectives (reward, dpo): losses and their "
+                                                     "settings.")
+    reward_model: Optional[str] = Field(
+        None, description="A reward run (or exported reward model folder) that judges generations: the win rate "
+                          "of a policy against its starting model; later the reward of grpo and ppo.")
 
     @field_validator("name")
     @classmethod
@@ -492,20 +513,36 @@ class Recipe(Section):
     def _task_fits_model(cls, v, info: ValidationInfo):
         # A field validator (not a model validator) so this is reported together
         # with every other problem rather than only once the rest is valid.
+        objective = objectives.find(v)
+        if objective is None:
+            close = difflib.get_close_matches(v, list(objectives.OBJECTIVES), n=1)
+            raise ValueError(f"unknown task '{v}'" + (f". Did you mean '{close[0]}'?" if close else "")
+                             + f" Known tasks: {', '.join(objectives.OBJECTIVES)}")
         spec = catalog.CATALOG.get(info.data.get("model", ""))
-        if spec is not None and v not in spec.tasks:
+        if spec is not None and objective.model_kind not in spec.kinds:
+            suits = [o.name for o in objectives.OBJECTIVES.values() if o.model_kind in spec.kinds]
             raise ValueError(
-                f"model '{spec.name}' is a {spec.architecture} and does not suit task '{v}' "
-                f"(it suits: {', '.join(spec.tasks)})"
+                f"model '{spec.name}' is a {spec.architecture} and does not suit task '{v}', which trains a "
+                f"{objective.model_kind} (it suits: {', '.join(suits)})"
             )
+        return v
+
+    @field_validator("method", mode="before")
+    @classmethod
+    def _lora_by_default(cls, v):
+        if isinstance(v, dict) and "name" not in v:
+            return {"name": lora.NAME, **v}
         return v
 
     @field_validator("method")
     @classmethod
-    def _qlora_is_for_sft(cls, v, info: ValidationInfo):
-        # The 4-bit loader is the causal-LM one; a classifier's new head would be quantised too.
-        if v.name == "qlora" and info.data.get("task") == "classification":
-            raise ValueError("qlora quantises a causal LM for task sft; use method.name: lora for classification")
+    def _method_fits_model_kind(cls, v, info: ValidationInfo):
+        objective = objectives.find(info.data.get("task"))
+        module = METHODS[v.name]
+        if objective is not None and objective.model_kind not in module.MODEL_KINDS:
+            fits = [n for n, m in METHODS.items() if objective.model_kind in m.MODEL_KINDS]
+            raise ValueError(f"method {v.name} trains a {' or '.join(module.MODEL_KINDS)}, and task "
+                             f"{objective.name} trains a {objective.model_kind}; use one of: {', '.join(fits)}")
         return v
 
     @field_validator("train")
@@ -519,16 +556,25 @@ class Recipe(Section):
         return v
 
     @property
+    def objective(self) -> objectives.Objective:
+        return objectives.get(self.task)
+
+    @property
+    def model_kind(self) -> kinds.ModelKind:
+        """What the trained model is (tuneforge.kinds): how it loads, exports, serves and is evaluated."""
+        return self.objective.kind
+
+    @property
     def learning_rate(self) -> float:
-        """train.learning_rate, else the default of this method and task
-        (DEFAULT_LEARNING_RATES), so switching method.name keeps a rate that learns."""
+        """train.learning_rate, else the default of this method and model kind
+        (the method module's DEFAULT_LEARNING_RATES), so switching method.name keeps a rate that learns."""
         if self.train.learning_rate is not None:
             return self.train.learning_rate
-        return DEFAULT_LEARNING_RATES[(self.method.name, self.task)]
+        return METHODS[self.method.name].DEFAULT_LEARNING_RATES[self.model_kind.name]
 
     @property
     def metric_for_best(self) -> str:
-        return self.train.metric_for_best or ("f1_macro" if self.task == "classification" else "loss")
+        return self.train.metric_for_best or self.objective.default_metric
 
 
 # --------------------------------------------------------------------------- errors
@@ -563,8 +609,45 @@ def _allowed_keys(loc: tuple) -> list[str]:
     return list(model.model_fields)
 
 
+def register_method(module) -> None:
+    """Add (or replace) an adaptation method: a module with the roles listed in
+    tuneforge.methods. Rebuilds `Recipe.method` so recipes can name it."""
+    METHODS[module.NAME] = module
+    rebuild_method_union()
+
+
+def rebuild_method_union() -> None:
+    """Rebuild `Recipe.method` from tuneforge.methods.METHODS (after it changed)."""
+    global MethodConfig
+    MethodConfig = method_union()
+    field = Recipe.model_fields["method"]
+    Recipe.model_fields["method"] = FieldInfo.merge_field_infos(field, annotation=MethodConfig)
+    Recipe.model_rebuild(force=True)
+
+
+def _explain_method(loc: tuple, err: dict) -> Optional[tuple[str, str]]:
+    """Errors inside `method:`, whose location carries the union tag (method.full.r -> method.r)."""
+    if err["type"] == "union_tag_invalid":
+        got = str((err.get("ctx") or {}).get("tag", err.get("input")))
+        close = difflib.get_close_matches(got, list(METHODS), n=1)
+        return "method.name", (f"unknown method {got!r}." + (f" Did you mean '{close[0]}'?" if close else "")
+                               + f" Methods: {', '.join(METHODS)}.")
+    if len(loc) < 3 or loc[1] not in METHODS:
+        return None
+    name, key, path = loc[1], str(loc[2]), ".".join(str(p) for p in (loc[0], *loc[2:]))
+    if err["type"] == "extra_forbidden":
+        takers = [n for n, m in METHODS.items() if key in m.Config.model_fields]
+        allowed = [k for k in METHODS[name].Config.model_fields if k != "name"]
+        hint = (f" It is a key of {', '.join(takers)}: set method.name to one of them, or remove it." if takers
+                else f" Method {name} takes: {', '.join(allowed) or 'nothing but name'}.")
+        return path, f"method {name} takes no '{key}'.{hint}"
+    return path, _explain({**err, "loc": (loc[0], *loc[2:])})[1]
+
+
 def _explain(err: dict) -> tuple[str, str]:
     loc = tuple(err["loc"])
+    if loc and loc[0] == "method" and (explained := _explain_method(loc, err)) is not None:
+        return explained
     path = ".".join(str(p) for p in loc) or "(root)"
     kind = err["type"]
     if kind == "extra_forbidden":
@@ -641,6 +724,24 @@ def _resolve_paths(raw: dict, base: Path) -> None:
             node[key] = resolved(value)
 
 
+def _switch_method(raw: dict, overrides: list[tuple[str, Any]]) -> None:
+    """An override that changes method.name (`method.name=full` on a LoRA recipe) drops the
+    recipe's method keys the new method does not take, and says so; keys set by
+    overrides too are kept (and refused if the new method does not take them)."""
+    new = dict(overrides).get("method.name")
+    section = raw.get("method")
+    if not isinstance(section, dict) or new not in METHODS or section.get("name", lora.NAME) == new:
+        return
+    given = {k.split(".", 1)[1] for k, _ in overrides if k.startswith("method.")}
+    fields = METHODS[new].Config.model_fields
+    dropped = [k for k in section if k not in fields and k not in given]
+    for key in dropped:
+        del section[key]
+    if dropped:
+        print(f"note: method.name={new}: the recipe's {', '.join('method.' + k for k in dropped)} "
+              f"(not {new} settings) are left out", file=sys.stderr)
+
+
 def load_recipe(source: Union[str, Path, dict], overrides: Optional[list[str]] = None,
                 check_files: bool = True) -> Recipe:
     """Read, override and validate a recipe; raises RecipeError listing every problem.
@@ -651,7 +752,7 @@ def load_recipe(source: Union[str, Path, dict], overrides: Optional[list[str]] =
     `check_files=False` skips the data-file existence check (files made later).
     """
     if isinstance(source, dict):
-        raw, label, base = dict(source), "recipe", Path.cwd()
+        raw, label, base = copy.deepcopy(source), "recipe", Path.cwd()  # the caller's dict stays as it was
     else:
         path = Path(source)
         label = str(path)
@@ -668,7 +769,9 @@ def load_recipe(source: Union[str, Path, dict], overrides: Optional[list[str]] =
             raise RecipeError(label, [("(root)", "a recipe must be a YAML mapping of sections.")])
         base = path.parent
     _resolve_paths(raw, base)
-    for key, value in parse_overrides(overrides or []):
+    parsed = parse_overrides(overrides or [])
+    _switch_method(raw, parsed)
+    for key, value in parsed:
         if tuple(key.split(".")) in _PATHS and isinstance(value, str):
             value = _absolute_path(value, Path.cwd())
         _set_dotted(raw, key, value)

@@ -12,10 +12,11 @@ import html
 from pathlib import Path
 from typing import Optional
 
-from tuneforge import safeyaml
+from tuneforge import kinds, objectives, safeyaml
 from tuneforge.evaluate import registry
 from tuneforge.evaluate.verdict import NO_BETTER
 from tuneforge.fsio import atomic_write_bytes, atomic_write_text
+from tuneforge.methods import describe as describe_method
 from tuneforge.reporting import CSS, figure_png, html_table, md_table, pyplot, read_json, read_log
 
 HEADLINE = registry.HEADLINE
@@ -55,6 +56,23 @@ def fig_training(log: list[dict]) -> Optional[bytes]:
         handles, names = handles + more[0], names + more[1]
     # One legend under the panel, so it never hides a curve.
     axes[0][0].legend(handles, names, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=3, fontsize=8, frameon=False)
+    fig.tight_layout()
+    return figure_png(fig)
+
+
+def fig_plot(plot: dict) -> bytes:
+    """A plot an objective put in evaluation.json "plots": {"title", "type": "line" | "hist",
+    "xlabel", "ylabel", "series": {name: [y, ...] (hist: values)}, "x": [...] (line, optional)}."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, values in plot["series"].items():
+        if plot.get("type") == "hist":
+            ax.hist(values, bins=plot.get("bins", 30), alpha=0.6, label=name)
+        else:
+            ax.plot(plot.get("x") or list(range(len(values))), values, "o-", label=name)
+    ax.set(title=plot["title"], xlabel=plot.get("xlabel", ""), ylabel=plot.get("ylabel", ""))
+    if len(plot["series"]) > 1:
+        ax.legend(fontsize=8)
     fig.tight_layout()
     return figure_png(fig)
 
@@ -164,9 +182,22 @@ def _verdict_section(verdict: Optional[dict], baseline_name: str) -> Optional[tu
     return title, page, md
 
 
+def run_kind(run: Path, recipe: dict, manifest: dict) -> kinds.ModelKind:
+    """The model kind of a run or eval folder: as its manifest records it, else
+    its objective's, else read from run/model/config.json; causal_lm if none says."""
+    name = manifest.get("model_kind")
+    if name is None and (objective := objectives.find(recipe.get("task"))) is not None:
+        name = objective.model_kind
+    if name is None:
+        found = kinds.kind_of_config(read_json(run / "model" / "config.json") or {})
+        name = found.name if found else kinds.CAUSAL_LM
+    return kinds.get(name)
+
+
 def build_sections(run: Path) -> dict:
     recipe = safeyaml.load_file(run / "recipe.yaml")
     manifest = read_json(run / "manifest.json") or {}
+    kind = run_kind(run, recipe, manifest)
     metrics = read_json(run / "metrics.json") or {}
     details = read_json(run / "evaluation.json") or {}
     log = read_log(run / "metrics.jsonl")
@@ -176,24 +207,25 @@ def build_sections(run: Path) -> dict:
         figures["training"] = png
     if "confusion_matrix" in test:
         figures["confusion"] = fig_confusion(test["confusion_matrix"])
-    for kind in ("roc", "pr"):
-        if (png := fig_curves(details.get("curves") or {}, kind)) is not None:
-            figures[kind] = png
+    for curve in ("roc", "pr"):
+        if (png := fig_curves(details.get("curves") or {}, curve)) is not None:
+            figures[curve] = png
     if "reliability" in test:
         figures["reliability"] = fig_reliability(test["reliability"])
+    for i, plot in enumerate(details.get("plots") or []):  # objective-specific plots (reward margins, log-probs)
+        key = f"plot-{i}"
+        figures[key] = fig_plot(plot)
+        FIGURE_TITLES[key] = plot["title"]
     if details.get("robustness"):
-        metric = "accuracy" if recipe["task"] == "classification" else "exact_match"
-        figures["robustness"] = fig_robustness(details["robustness"], metric)
-    return {"recipe": recipe, "manifest": manifest, "test": test, "baseline": baseline,
+        figures["robustness"] = fig_robustness(details["robustness"], kind.headline)
+    return {"recipe": recipe, "kind": kind, "manifest": manifest, "test": test, "baseline": baseline,
             "validation": metrics.get("validation"), "details": details, "figures": figures,
             "verdict": metrics.get("verdict") or details.get("verdict")}
 
 
 def _recipe_summary(recipe: dict) -> list[list[str]]:
-    m, t = recipe["method"], recipe["train"]
-    adapters = m["name"] in ("lora", "qlora")
-    method = m["name"] + (f" (r={m['r']}, alpha={m['alpha']}, targets={m['target_modules']})" if adapters
-                          else f" (top {m['trainable_layers']} layers)" if m["name"] == "freeze" else "")
+    t = recipe["train"]
+    method = describe_method(recipe["method"])
     return [["model", recipe["model"]], ["task", recipe["task"]], ["method", method],
             ["optimizer", f"{t['optimizer']}, lr {recipe['train'].get('learning_rate') or 'method default'}, "
                           f"{t['scheduler']} schedule, warm-up {t['warmup']}"],
@@ -233,7 +265,7 @@ def write_report(run: Path) -> tuple[Path, Path]:
     run = Path(run)
     s = build_sections(run)
     recipe, test, baseline, details = s["recipe"], s["test"], s["baseline"], s["details"]
-    baseline_name = "majority class" if recipe["task"] == "classification" else "base model"
+    baseline_name = s["kind"].baseline
     metric_header = ["metric", baseline_name, "fine-tuned", "95% CI (fine-tuned)", "delta (▲ better)"]
     metric_rows = _metric_rows(test, baseline)
     sections: list[tuple[str, str, str]] = []  # (title, html, markdown)
@@ -259,6 +291,8 @@ def write_report(run: Path) -> tuple[Path, Path]:
     rob = details.get("robustness") or {}
     add("Robustness (test, perturbed inputs)", ["perturbation", "score", "drop"],
         [[k, _fmt(v.get("accuracy", v.get("exact_match"))), _fmt(v["drop"])] for k, v in rob.items()])
+    for table in details.get("tables") or []:  # objective-specific tables: {"title", "header", "rows", "note"}
+        add(table["title"], table["header"], [[str(c) for c in row] for row in table["rows"]], table.get("note", ""))
     sections += _fairness_sections(run)
 
     files_dir = run / "report_files"

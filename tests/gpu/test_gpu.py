@@ -66,7 +66,8 @@ def test_recipe_accepts_the_gpu_fields(tmp_path):
         load_recipe({**base, "task": "classification", "method": {"name": "qlora"},
                      "train": {"attn_implementation": "flash"}}, check_files=False)
     assert err.value.problems == [
-        ("method", "qlora quantises a causal LM for task sft; use method.name: lora for classification."),
+        ("method", "method qlora trains a causal_lm, and task classification trains a classifier; use one of: "
+                   "full, freeze, lora, dora, ia3."),
         ("train.attn_implementation",
          "Input should be 'auto', 'sdpa', 'flash_attention_2' or 'eager' (got 'flash')."),
     ]
@@ -133,12 +134,12 @@ def test_qlora_save_merges_into_the_reloaded_base(tmp_path):
     the same weights as lora's in-place merge."""
     from safetensors.torch import load_file
 
+    from tuneforge.kinds import MODEL_KINDS
     from tuneforge.methods import lora, qlora
     from tuneforge.models import load_causal_lm
-    from tuneforge.recipe import MethodConfig
 
     model, tokenizer, _ = load_causal_lm("tiny-llama")
-    model = lora.prepare(model, MethodConfig(name="lora", r=4, alpha=8, dropout=0.0), "sft")
+    model = lora.prepare(model, lora.Config(r=4, alpha=8, dropout=0.0), MODEL_KINDS["causal_lm"])
     torch.manual_seed(0)
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -235,16 +236,16 @@ def test_qlora_trains_and_saves(tmp_path):
     from transformers import AutoModelForCausalLM
 
     from tuneforge.inference import lm_loss_sum
+    from tuneforge.kinds import MODEL_KINDS
     from tuneforge.methods import qlora
     from tuneforge.models import load_causal_lm
-    from tuneforge.recipe import MethodConfig
     from tuneforge.training.loop import autocast
 
     dev = torch.device("cuda")
     model, tokenizer, path = load_causal_lm("tiny-llama", quantize_4bit=True)
     assert model.is_loaded_in_4bit
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
-    model = qlora.prepare(model, MethodConfig(name="qlora", r=4, alpha=8, dropout=0.0), "sft").to(dev)
+    model = qlora.prepare(model, qlora.Config(r=4, alpha=8, dropout=0.0), MODEL_KINDS["causal_lm"]).to(dev)
     trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n for n in trainable)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
@@ -282,13 +283,13 @@ def test_qlora_trains_and_saves(tmp_path):
 @pytest.mark.gpu
 def test_qlora_refuses_an_unquantised_model():
     pytest.importorskip("bitsandbytes")
+    from tuneforge.kinds import MODEL_KINDS
     from tuneforge.methods import qlora
     from tuneforge.models import load_causal_lm
-    from tuneforge.recipe import MethodConfig
 
     model, _, _ = load_causal_lm("tiny-llama")
     with pytest.raises(ValueError, match="method qlora needs the base model loaded in 4 bits"):
-        qlora.prepare(model, MethodConfig(name="qlora"), "sft")
+        qlora.prepare(model, qlora.Config(), MODEL_KINDS["causal_lm"])
 
 
 @pytest.mark.gpu

@@ -75,7 +75,8 @@ def test_result_name_is_utc_and_conditions_record_load():
 
 
 @pytest.mark.parametrize("script", ["bench.py", "bench_data.py", "bench_serve.py", "bench_gpu.py", "bench_memory.py",
-                                    "bench_packed_cls.py", "bench_fairness.py"])
+                                    "bench_packed_cls.py", "bench_fairness.py", "bench_dpo.py",
+                                    "bench_reward_hh.py", "bench_grpo_dates.py"])
 def test_bench_scripts_write_through_benchio(script):
     """No bench script names its own dated file (the overwrite this replaced)."""
     source = (Path(__file__).resolve().parents[2] / "bench" / script).read_text()

@@ -289,14 +289,16 @@ def test_raw_text_is_chunked_into_max_length_blocks(tmp_path):
 def test_hh_rlhf_transcripts_become_preference_pairs():
     raw = shared_data("hh_rlhf_harmless", "harmless_base_test.jsonl")
     pcr = shared_data("hh_rlhf_harmless", "harmless_base_test_pcr.jsonl")
-    recipe = _recipe(raw, task="sft", on_invalid="skip", dedup=False, split=[1.0, 0.0, 0.0])
+    recipe = _recipe(raw, task="dpo", on_invalid="skip", dedup=False, split=[1.0, 0.0, 0.0])
     rows, files, rejects, _ = studio.load_rows(recipe.data, "preference")
     assert files["train"]["read"] == 2312 and len(rows["train"]) == 2307  # SOURCE.md: 5 prefixes differ
     assert sum(r.fields["chosen"] == "" for r in rows["train"]) == 4  # silence preferred: kept
     assert {r.reason for r in rejects} == {"chosen and rejected transcripts differ before the final Assistant turn"}
     derived = [json.loads(x) for x in pcr.read_text().splitlines()[:50]]
     assert [r.fields for r in rows["train"][:50]] == derived
-    splits = studio.prepare_data(_recipe(pcr, task="sft", max_rows=300))
+    splits = studio.prepare_data(_recipe(pcr, task="dpo", max_rows=300))
+    with pytest.raises(DataError, match="does not suit task 'sft'.*preference data trains with task: reward, dpo"):
+        studio.prepare_data(_recipe(pcr, task="sft", max_rows=300))
     assert splits.kind == "preference" and "prompt/chosen/rejected" in splits.report["kind_detected_from"]
     _check_books(splits.report)
     assert set(splits.train[0]) == {"prompt", "chosen", "rejected"}
@@ -580,15 +582,21 @@ def test_train_runs_the_pipeline_and_pins_the_template(tmp_path, dates_jsonl):
     assert hashlib.sha256((out / "chat_template.jinja").read_bytes()).hexdigest() == template["sha256"]
 
 
-def test_train_refuses_data_no_trainer_takes(tmp_path):
-    from tuneforge import api
+def test_train_refuses_data_its_objective_does_not_take(tmp_path, monkeypatch):
+    from tuneforge import api, objectives
+    from tuneforge.data.formats import check_trainable
 
     pairs = write_jsonl(tmp_path / "prefs.jsonl", [{"prompt": f"question {i}", "chosen": f"good answer {i}",
                                                     "rejected": f"bad answer {i}"} for i in range(20)])
-    with pytest.raises(DataError, match="preference pairs .*no trainer takes them yet"):
+    with pytest.raises(DataError, match="does not suit task 'sft'.*preference data trains with task: reward, dpo"):
         api.train({"model": "tiny-llama", "task": "sft", "data": {"train": str(pairs)}}, output=str(tmp_path / "r"),
                   quiet=True)
     assert json.loads((tmp_path / "r" / "manifest.json").read_text())["status"] == "failed: unusable data"
+    # a kind no objective takes still prepares (data tools), and training says so
+    monkeypatch.setitem(objectives.OBJECTIVES, "reward", objectives.OBJECTIVES["sft"])
+    monkeypatch.setitem(objectives.OBJECTIVES, "dpo", objectives.OBJECTIVES["sft"])
+    with pytest.raises(DataError, match="preference pairs .*no trainer takes them yet"):
+        check_trainable("preference", "sft")
 
 
 def test_continued_pretraining_on_raw_text_trains_on_blocks(tmp_path):

@@ -18,7 +18,7 @@ RECIPE = """
 model: tiny-llama
 task: sft
 data: {{train: {data}}}
-method: {{name: {method}, r: 4, alpha: 8, dropout: 0.0}}
+method: {method}
 train: {{max_steps: {steps}, batch_size: 8, learning_rate: 0.005, log_every: 1, checkpoint_every: {every}, seed: 5,
          eval_every: 1000, distributed: {{strategy: {strategy}{extra}}}}}
 eval: {{max_new_tokens: 4, max_generate: 4, bootstrap: false}}
@@ -49,7 +49,8 @@ def _recipe(tmp_path, data, steps, every, method="lora", strategy="ddp", zero_st
         config.write_text(json.dumps({"zero_optimization": {"stage": zero_stage}}))
         strategy, extra = "deepspeed", f", deepspeed_config: {config}"
     recipe = tmp_path / f"{method}-{strategy}{zero_stage or ''}.yaml"
-    recipe.write_text(RECIPE.format(data=data, steps=steps, every=every, method=method, strategy=strategy,
+    section = "{name: lora, r: 4, alpha: 8, dropout: 0.0}" if method == "lora" else f"{{name: {method}}}"
+    recipe.write_text(RECIPE.format(data=data, steps=steps, every=every, method=section, strategy=strategy,
                                     extra=extra))
     return recipe
 

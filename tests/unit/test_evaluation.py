@@ -262,7 +262,11 @@ def test_zero_shot_probs_are_normalised_label_likelihoods():
             logps.append(sum(logits[len(prompt) - 1 + j, t].item() for j, t in enumerate(cont)))
     expected = np.exp(logps) / np.exp(logps).sum()
     assert np.allclose(probs[0], expected, atol=1e-4)
-    assert catalog.CATALOG["smollm2-135m-instruct"].tasks == ("sft", "classification")
+    # a decoder trains as a causal LM (sft, dpo, grpo), a classifier or a reward model
+    spec = catalog.CATALOG["smollm2-135m-instruct"]
+    assert spec.kinds == ("causal_lm", "classifier", "reward")
+    assert spec.tasks[0] == "sft" and {"classification", "reward", "dpo", "grpo"} <= set(spec.tasks)
+    assert catalog.CATALOG["minilm-l6"].tasks == ("classification", "reward")
 
 
 def test_eval_of_a_run_whose_data_went_bad_names_file_and_line(trained_run, tmp_path):

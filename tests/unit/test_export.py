@@ -75,7 +75,7 @@ def test_export_loads_with_plain_transformers_and_matches_the_run(lora_runs, tmp
     check = manifest["lineage"]["equivalence_check"]
     assert {k: v for k, v in check.items() if k != "max_abs_logit_diff"} == {
         "samples": 3, "inputs": "test split: 3 rows", "greedy_tokens_equal": True, "reference": "base + adapter",
-        "atol": 1e-4}
+        "atol": 1e-4, "model_kind": "causal_lm" if task == "sft" else "classifier"}
     assert set(manifest["files"]) == names - {"manifest.json"}
     assert verify_export(dest) is None
     card = (dest / "README.md").read_text()

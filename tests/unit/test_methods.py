@@ -11,12 +11,15 @@ from safetensors.torch import load_file
 from tuneforge import api, catalog
 
 MODELS = {"classification": "tiny-bert", "sft": "tiny-llama"}
+# each method's own keys (a key of another method is refused)
+METHOD_SETTINGS = {"freeze": {"name": "freeze", "trainable_layers": 1},
+                   "lora": {"name": "lora", "r": 4, "alpha": 8, "dropout": 0.0}}
 
 
 def _train(tmp_path, task, method, data_file, model=None, **extra):
     recipe = {
         "model": model or MODELS[task], "task": task, "data": {"train": str(data_file)},
-        "method": {"name": method, "trainable_layers": 1, "r": 4, "alpha": 8, "dropout": 0.0},
+        "method": METHOD_SETTINGS.get(method, {"name": method}),
         "train": {"max_steps": 4, "batch_size": 8, "learning_rate": 1e-2, "warmup": 0, "log_every": 1,
                   "eval_every": 2},
         "eval": {"max_new_tokens": 4, "max_generate": 4},
@@ -313,14 +316,14 @@ def test_packed_classification_equals_padded_and_falls_back_for_other_heads():
     row with the padded model's probabilities; a head without a pooler (a decoder
     classifier reads its last token) keeps the padded path and plain SDPA."""
     from tuneforge import inference
+    from tuneforge.kinds import MODEL_KINDS
     from tuneforge.methods import lora
     from tuneforge.models import load_classifier
-    from tuneforge.recipe import MethodConfig
 
     cpu = torch.device("cpu")
     torch.manual_seed(0)
     model, tok, _ = load_classifier("minilm-l6", ["neg", "pos", "mixed"])
-    model = lora.prepare(model, MethodConfig(name="lora", r=4), "classification")
+    model = lora.prepare(model, lora.Config(r=4), MODEL_KINDS["classifier"])
     texts = ["a fine film", "dull, long and far too loud", "ok", "the cast was great but the plot was not"]
     ids = inference.encode(tok, texts, 64)
     assert inference.supports_packed_classification(model)
@@ -373,3 +376,14 @@ def test_sliding_window_models_keep_transformers_attention_for_packing():
     model._tuneforge_packing = False
     padded, _ = inference.sequence_nll(model, examples, 0, torch.device("cpu"))
     assert torch.allclose(packed, padded, atol=1e-4)
+
+
+def test_adamw_uses_the_fused_kernel_on_plain_parameters():
+    from tuneforge.recipe import TrainConfig
+    from tuneforge.training.optim import build_optimizer
+
+    plain = [torch.nn.Parameter(torch.randn(4, 4)), torch.nn.Parameter(torch.randn(4))]
+    assert build_optimizer(plain, TrainConfig(), 1e-3).param_groups[0]["fused"] is True
+    # parameters on two devices (here cpu and meta): the default implementation
+    mixed = plain + [torch.nn.Parameter(torch.empty(2, device="meta"))]
+    assert not build_optimizer(mixed, TrainConfig(), 1e-3).param_groups[0]["fused"]

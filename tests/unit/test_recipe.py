@@ -90,11 +90,11 @@ def test_relative_paths_resolve_against_recipe_folder(tmp_path, sentiment_rows):
 
 def test_cli_validate_exits_2_with_every_problem(tmp_path):
     bad = tmp_path / "bad.yaml"
-    bad.write_text("model: smollm\ntask: sft\ndata: {train: missing.jsonl}\nmethod: {name: dora}\n")
+    bad.write_text("model: smollm\ntask: sft\ndata: {train: missing.jsonl}\nmethod: {name: dorra}\n")
     proc = subprocess.run([sys.executable, "-m", "tuneforge.cli", "validate", str(bad)], capture_output=True, text=True)
     assert proc.returncode == 2
     assert "Did you mean 'smollm2-135m-instruct'?" in proc.stderr
-    assert "data.train" in proc.stderr and "method.name" in proc.stderr
+    assert "data.train" in proc.stderr and "method.name: unknown method 'dorra'. Did you mean 'dora'?" in proc.stderr
 
 
 def test_help_does_not_import_torch():

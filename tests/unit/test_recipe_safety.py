@@ -179,7 +179,7 @@ def test_lora_parameter_count_matches_peft():
 
     recipe = _tiny()
     model, _, _ = load_classifier("tiny-bert", ["a", "b"])
-    model = lora.prepare(model, recipe.method, "classification")
+    model = lora.prepare(model, recipe.method, recipe.model_kind)
     real = sum(p.numel() for p in model.parameters() if p.requires_grad)
     est = preflight.estimate_memory(recipe, preflight.read_config("tiny-bert"))
     assert est.trainable_params == real

@@ -56,8 +56,8 @@ def test_registry_directions_and_paired_metrics():
     lower = {name for name, m in registry.METRICS.items() if not m.higher_is_better}
     assert lower == {"ece", "loss", "perplexity", "reference_perplexity"}
     assert registry.get("ece").better(0.01, 0.2) and not registry.get("accuracy").better(0.01, 0.2)
-    assert registry.paired("classification") == ("accuracy",)
-    assert registry.paired("sft") == ("exact_match", "rouge_l")
+    assert registry.paired("classifier") == ("accuracy",)
+    assert registry.paired("causal_lm") == ("exact_match", "rouge_l")
 
 
 # ------------------------------------------------------------ 2. p-value bounds
@@ -134,24 +134,24 @@ def test_verdict_rules_on_hand_made_metrics():
     from tuneforge.evaluate.verdict import judge
 
     cm = {"labels": ["neg", "pos"], "matrix": [[10, 0], [10, 0]]}
-    one_class = judge("classification", {"accuracy": 0.5, "confusion_matrix": cm}, {"accuracy": 0.5})
+    one_class = judge("classifier", {"accuracy": 0.5, "confusion_matrix": cm}, {"accuracy": 0.5})
     assert one_class["reasons"] == ["the fine-tuned model predicts one class ('neg') for all 20 test rows",
                                     "accuracy 0.5000 vs 0.5000 (majority class): not better"]
     sig = {"test": "paired_bootstrap", "p_value": 0.002, "p_value_is_bound": True, "delta": 0.5}
     noise = {"test": "paired_bootstrap", "p_value": 0.4, "p_value_is_bound": False, "delta": 0.02}
     base = {"exact_match": 0.1, "rouge_l": 0.3}
-    better = judge("sft", {"exact_match": 0.6, "rouge_l": 0.32, "vs_baseline": {"exact_match": sig, "rouge_l": noise}},
-                   base)
+    better = judge("causal_lm", {"exact_match": 0.6, "rouge_l": 0.32,
+                                 "vs_baseline": {"exact_match": sig, "rouge_l": noise}}, base)
     assert better["status"] == "better_than_baseline"  # one headline metric significantly better is enough
-    worse = judge("sft", {"exact_match": 0.12, "rouge_l": 0.32, "vs_baseline": {"exact_match": noise,
+    worse = judge("causal_lm", {"exact_match": 0.12, "rouge_l": 0.32, "vs_baseline": {"exact_match": noise,
                                                                                 "rouge_l": noise}}, base)
     assert worse["status"] == "no_better_than_baseline" and len(worse["reasons"]) == 2
     assert worse["reasons"][0] == ("exact_match 0.1200 vs 0.1000 (base model): not significantly better "
                                    "(paired_bootstrap p = 0.4)")
     # Raw-text training: the loss decides (lower is better).
-    assert judge("sft", {"loss": 2.0}, {"loss": 1.9})["status"] == "no_better_than_baseline"
-    assert judge("sft", {"loss": 1.5}, {"loss": 1.9})["status"] == "better_than_baseline"
-    assert judge("classification", {"accuracy": 0.9}, None)["status"] == "no_baseline"
+    assert judge("causal_lm", {"loss": 2.0}, {"loss": 1.9})["status"] == "no_better_than_baseline"
+    assert judge("causal_lm", {"loss": 1.5}, {"loss": 1.9})["status"] == "better_than_baseline"
+    assert judge("classifier", {"accuracy": 0.9}, None)["status"] == "no_baseline"
 
 
 # ------------------------------------------------------------ 4. degenerate fairness audits

@@ -273,10 +273,8 @@ def review_apply(
     from tuneforge.data.review import parse_review, write_decisions
 
     parsed = load_recipe_or_exit(recipe, []) if recipe else None
-    labels = None
-    if parsed is not None and parsed.task == "classification":
-        labels = _known_labels(parsed)
     try:
+        labels = _known_labels(parsed) if parsed is not None else None
         decisions, counts = parse_review(file, labels)
     except DataError as exc:
         fail(f"review error: {exc}", EXIT_DATA)
@@ -290,12 +288,15 @@ def review_apply(
                    f"or as the override data.review_decisions={target})")
 
 
-def _known_labels(recipe) -> set:
-    from tuneforge.data.formats import resolve_kind
+def _known_labels(recipe) -> Optional[set]:
+    """The labels a relabel decision may use; None when the recipe's data has no labels."""
+    from tuneforge.data.formats import LABELLED, resolve_kind
     from tuneforge.data.studio import load_rows
 
+    kind, kcfg, _ = resolve_kind(recipe.data, recipe.task)
+    if kind not in LABELLED:
+        return None
     if recipe.data.labels is not None:
         return {str(x) for x in recipe.data.labels}
-    kind, kcfg, _ = resolve_kind(recipe.data, recipe.task)
     rows, _, _, allowed = load_rows(kcfg, kind)
     return allowed or set()

@@ -12,13 +12,13 @@ import typer
 
 from tuneforge.cli.common import load_recipe_or_exit
 
+# One starter per objective that ships one: templates/<task>.yaml.
+Starter = Enum("Starter", {p.name[:-5]: p.name[:-5] for p in sorted(resources.files("tuneforge.templates").iterdir(),
+                                                                     key=lambda p: p.name)
+                           if p.name.endswith(".yaml")}, type=str)
 
-class Starter(str, Enum):
-    classification = "classification"
-    sft = "sft"
 
-
-def init(kind: Starter = typer.Argument(..., help="Which starter recipe to print.")) -> None:
+def init(kind: Starter = typer.Argument(..., help="Which starter recipe to print (one per objective).")) -> None:
     """Print a commented starter recipe: tuneforge init sft > my-recipe.yaml"""
     text = resources.files("tuneforge.templates").joinpath(f"{kind.value}.yaml").read_text(encoding="utf-8")
     typer.echo(text, nl=False)

@@ -73,7 +73,7 @@ def serve(
     engine: Engine = typer.Option(Engine.torch, "--engine", help="torch (built in) or vllm (GPU, generation)."),
 ) -> None:
     """Serve a model behind an OpenAI-compatible API (/v1/chat/completions, /v1/completions,
-    /v1/classify, /v1/models, /metrics; /health is the only route without a key)."""
+    /v1/classify, /v1/rewards, /v1/models, /metrics; /health is the only route without a key)."""
     import os
 
     from tuneforge.serve.security import (
@@ -108,7 +108,7 @@ def serve(
 
     def ready(app) -> None:
         served = app.state.served
-        typer.echo(f"serving {', '.join(served.names())} ({served.task}) on http://{host}:{port} "
+        typer.echo(f"serving {', '.join(served.names())} ({served.kind}) on http://{host}:{port} "
                    f"(pid {os.getpid()})", err=True)
 
     try:

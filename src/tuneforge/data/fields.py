@@ -152,10 +152,10 @@ def kind_fields(record: dict, kind: str, cfg) -> tuple[Optional[dict], Optional[
 
 # ------------------------------------------------------- per-row helpers
 
-def task_fields(record: dict, task: str, cfg) -> tuple[Optional[dict], Optional[str]]:
-    if task in ("pair", "text", "preference"):
-        return kind_fields(record, task, cfg)
-    if task == "classification":
+def kind_row_fields(record: dict, kind: str, cfg) -> tuple[Optional[dict], Optional[str]]:
+    if kind in ("pair", "text", "preference"):
+        return kind_fields(record, kind, cfg)
+    if kind == "classification":
         text, err = text_value(record, cfg.text_column)
         if err:
             return None, err
@@ -189,10 +189,10 @@ def task_fields(record: dict, task: str, cfg) -> tuple[Optional[dict], Optional[
     return {"prompt": prompt, "response": response}, None
 
 
-def task_columns(task: str, cfg) -> list[str]:
-    if task in ("pair", "text", "preference"):
-        return kind_columns(task, cfg)
-    if task == "classification":
+def kind_row_columns(kind: str, cfg) -> list[str]:
+    if kind in ("pair", "text", "preference"):
+        return kind_columns(kind, cfg)
+    if kind == "classification":
         return [cfg.text_column, cfg.label_column]
     if cfg.messages_column:
         return [cfg.messages_column]

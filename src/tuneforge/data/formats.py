@@ -16,11 +16,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable, Optional
 
+from tuneforge import objectives
 from tuneforge.data.load import NOT_UTF8_HINT, DataError, no_rows_reason, read_records
 
-KINDS_BY_TASK = {"classification": ("classification", "pair"),
-                 "sft": ("prompt_response", "chat", "text", "preference")}
+LABELLED = ("classification", "pair")  # the kinds whose rows carry a label
 ALPACA_TEMPLATE = "{instruction}\n\n{input}"
+KIND_NAMES = {"classification": "labelled text", "pair": "labelled text pairs",
+              "prompt_response": "prompt/response pairs", "chat": "chats", "text": "raw text",
+              "preference": "preference pairs (DPO-style)"}
 
 
 # ----------------------------------------------------------- detection
@@ -43,17 +46,19 @@ def first_record(path: str, fmt: str, columns: Optional[list[str]]) -> dict:
                     f"the first: {first_error}{hint}")
 
 
-def detect_kind(record: dict, task: Optional[str], cfg) -> tuple[str, dict, str]:
+def detect_kind(record: dict, accepts: Optional[tuple[str, ...]], cfg) -> tuple[str, dict, str]:
     """(kind, settings to apply to data config, human-readable explanation).
 
     Explicit recipe settings win: messages_column means chat, prompt_template
-    means prompt_response. Otherwise the columns decide."""
+    means prompt_response. Otherwise the columns decide; an objective that
+    accepts only labelled kinds (`accepts`) reads the file as classification."""
     cols = set(record)
+    only_labelled = bool(accepts) and set(accepts) <= set(LABELLED)
     if cfg.messages_column:
         return "chat", {}, f"chat (data.messages_column '{cfg.messages_column}')"
     if cfg.prompt_template:
         return "prompt_response", {}, "prompt_response (data.prompt_template)"
-    if task == "classification" or (cfg.text_column in cols and cfg.label_column in cols):
+    if only_labelled or (cfg.text_column in cols and cfg.label_column in cols):
         # A classification file missing its columns is left to the loader, whose
         # error names the file, the missing column and the columns there are.
         if cfg.text_pair_column in cols:
@@ -86,7 +91,11 @@ def detect_kind(record: dict, task: Optional[str], cfg) -> tuple[str, dict, str]
 
 def resolve_kind(recipe_or_cfg, task: Optional[str]) -> tuple[str, object, str]:
     """The kind, a data config with the detected column settings applied, and
-    the explanation. Raises DataError when the kind does not suit the task."""
+    the explanation. Raises DataError when the kind does not suit objective
+    `task` while another objective takes it (data no objective trains on yet
+    still prepares and inspects; training refuses it, `check_trainable`)."""
+    objective = objectives.find(task)
+    accepts = objective.data_kinds if objective else None
     cfg = recipe_or_cfg
     if cfg.kind != "auto":
         kind, settings, why = cfg.kind, {}, f"{cfg.kind} (data.kind)"
@@ -103,16 +112,28 @@ def resolve_kind(recipe_or_cfg, task: Optional[str]) -> tuple[str, object, str]:
                 settings = {"prompt_template": ALPACA_TEMPLATE if "input" in rec else "{instruction}",
                             "response_column": "output"}
     else:
-        kind, settings, why = detect_kind(first_record(cfg.train, cfg.format, cfg.columns), task, cfg)
-    if task is not None and kind not in KINDS_BY_TASK[task]:
+        kind, settings, why = detect_kind(first_record(cfg.train, cfg.format, cfg.columns), accepts, cfg)
+    takers = objectives_taking(kind)
+    if objective is not None and kind not in objective.data_kinds and takers:
         raise DataError(f"data kind '{kind}' does not suit task '{task}' (it takes: "
-                        f"{', '.join(KINDS_BY_TASK[task])}).")
+                        f"{', '.join(objective.data_kinds)}; {kind} data trains with task: {', '.join(takers)}).")
     return kind, cfg.model_copy(update=settings), why
 
 
-def loader_task(kind: str) -> str:
-    """The task name `load.load_file` understands for a kind."""
-    return {"chat": "sft", "prompt_response": "sft"}.get(kind, kind)
+def objectives_taking(kind: str) -> list[str]:
+    """The objectives (recipe tasks) whose trainers accept data of `kind`."""
+    return [o.name for o in objectives.OBJECTIVES.values() if kind in o.data_kinds]
+
+
+def check_trainable(kind: str, task: str) -> None:
+    """A DataError unless objective `task` trains on `kind` data."""
+    if kind in objectives.get(task).data_kinds:
+        return
+    takers = objectives_taking(kind)
+    where = (f"task: {', '.join(takers)} trains on it" if takers else
+             "no trainer takes them yet. `tuneforge data prepare` writes them as Parquet for other training code; "
+             "`tuneforge data inspect` reports on them")
+    raise DataError(f"the data is {KIND_NAMES.get(kind, kind)}, which task '{task}' does not train on: {where}.")
 
 
 # ------------------------------------------------- fields of the new kinds

@@ -16,7 +16,7 @@ import statistics
 from pathlib import Path
 from typing import Optional
 
-from tuneforge.data.formats import row_text
+from tuneforge.data.formats import LABELLED, row_text
 from tuneforge.data.studio import SPLITS, Row
 
 EXAMPLES = 10
@@ -70,7 +70,7 @@ def analyse(rows: dict[str, list[Row]], rejects: list, kind: str, tokenizer=None
             near_dup_cfg=None, system_prompt: Optional[str] = None, label_rows: int = 20_000, seed: int = 0) -> dict:
     """Every statistic of the data report, plus `flags`: row id -> reasons (for review export)."""
     flags = Flags()
-    labelled = kind in ("classification", "pair")
+    labelled = kind in LABELLED
     texts = {s: [row_text(r.fields) for r in rows[s]] for s in rows}
     out: dict = {"kind": kind, "splits": {}, "max_length": max_length}
     for split, items in rows.items():
@@ -380,7 +380,7 @@ def inspect_data(recipe=None, file: Optional[str] = None, model: Optional[str] =
     rows = dict(loaded)
     if recipe is not None:
         # The splits prepare would carve, the same way (no warnings: inspect reports what it finds).
-        rows = carve_missing(rows, files, cfg, seed, kind in ("classification", "pair"), lambda message: None)
+        rows = carve_missing(rows, files, cfg, seed, kind in LABELLED, lambda message: None)
         # Back into file order, so "first" (of duplicates, of clusters) means first in the file.
         position = {r.id: k for k, r in enumerate(loaded["train"])}
         rows = {s: sorted(rows[s], key=lambda r: position.get(r.id, -1))

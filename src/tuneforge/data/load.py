@@ -1,4 +1,4 @@
-"""Read CSV/TSV/JSON/JSONL/Parquet into task examples, keeping every row's line.
+"""Read CSV/TSV/JSON/JSONL/Parquet into examples of a data kind, keeping every row's line.
 
 Every malformed row becomes a `Reject` with `file:line: reason`; nothing is
 dropped silently (blank lines, text holding a NUL character and broken records
@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
-from tuneforge.data.fields import has_bad_utf8, task_columns, task_fields
+from tuneforge.data.fields import has_bad_utf8, kind_row_columns, kind_row_fields
 
 csv.field_size_limit(1 << 26)
 
@@ -46,7 +46,7 @@ class Reject:
 @dataclass
 class Example:
     line: int
-    fields: dict  # task fields: text/label, prompt/response, or messages
+    fields: dict  # the data kind's fields: text/label, prompt/response, or messages
 
 
 @dataclass
@@ -350,15 +350,15 @@ def nul_field(record: dict, columns: list[str]) -> Optional[str]:
 # --------------------------------------------------------------- validation
 
 
-def to_example(record: dict, task: str, cfg) -> tuple[Optional[dict], Optional[str]]:
-    """Map a raw record to the task's fields plus data.keep_columns, or say why it cannot be used.
+def to_example(record: dict, kind: str, cfg) -> tuple[Optional[dict], Optional[str]]:
+    """Map a raw record to the data kind's fields plus data.keep_columns, or say why it cannot be used.
     A NUL character is refused: tokenizers and C libraries treat it as the end
     of the text, so what the model saw would differ from what the file says."""
-    columns = _columns_needed(task, cfg) + ([cfg.prompt_column] if task == "preference" else [])
+    columns = _columns_needed(kind, cfg) + ([cfg.prompt_column] if kind == "preference" else [])
     bad = nul_field(record, columns)
     if bad is not None:
         return None, f"NUL character (\\x00) in field '{bad}'"
-    example, err = task_fields(record, task, cfg)
+    example, err = kind_row_fields(record, kind, cfg)
     if err:
         return None, err
     for name in getattr(cfg, "keep_columns", None) or []:
@@ -369,16 +369,16 @@ def to_example(record: dict, task: str, cfg) -> tuple[Optional[dict], Optional[s
     return example, None
 
 
-def _columns_needed(task: str, cfg) -> list[str]:
-    return task_columns(task, cfg) + list(getattr(cfg, "keep_columns", None) or [])
+def _columns_needed(kind: str, cfg) -> list[str]:
+    return kind_row_columns(kind, cfg) + list(getattr(cfg, "keep_columns", None) or [])
 
 
-def load_file(path: str, task: str, cfg, allowed_labels: Optional[set[str]] = None) -> LoadedFile:
+def load_file(path: str, kind: str, cfg, allowed_labels: Optional[set[str]] = None) -> LoadedFile:
     """Read and validate one file. Rows with unknown labels are rejected when
     `allowed_labels` is given."""
     out = LoadedFile(path=str(path))
     fmt = detect_format(Path(path), cfg.format)
-    needed = _columns_needed(task, cfg)
+    needed = _columns_needed(kind, cfg)
     checked_header = False
     for line, record, error in read_records(Path(path), cfg.format, cfg.columns):
         if record is not None and not checked_header and fmt in ("csv", "tsv", "parquet"):
@@ -395,7 +395,7 @@ def load_file(path: str, task: str, cfg, allowed_labels: Optional[set[str]] = No
         if error:
             out.rejects.append(Reject(str(path), line, error))
             continue
-        example, error = to_example(record, task, cfg)
+        example, error = to_example(record, kind, cfg)
         if error is None and allowed_labels is not None and example["label"] not in allowed_labels:
             shown = ", ".join(sorted(allowed_labels)[:10])
             error = f"unknown label {example['label']!r} (known labels: {shown})"

@@ -87,6 +87,13 @@ def _classification_sample(tokenizer, row: dict, index: int, max_length: int, lo
 def build_preview(tokenizer, rows: list[dict], kind: str, system_prompt: Optional[str], max_length: int,
                   n: int = 3, check: int = 500) -> Preview:
     """The first `n` rows in full; the checks run over up to `check` rows."""
+    if kind == "preference":  # previewed as the chosen side, as the preference objectives render it
+        from tuneforge.data.pairs import prompt_messages
+
+        rows = [{"messages": prompt_messages(r["prompt"], system_prompt) + [{"role": "assistant",
+                                                                            "content": r["chosen"]}]}
+                for r in rows[:max(n, check)]]
+        kind = "chat"
     sft = kind in ("chat", "prompt_response")
     if not sft:
         samples = [_classification_sample(tokenizer, r, i, max_length, loss=kind == "text")

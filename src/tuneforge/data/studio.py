@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Collection, Optional, Sequence
 
-from tuneforge.data.formats import loader_task, map_texts, resolve_kind, row_text
+from tuneforge.data.formats import LABELLED, map_texts, resolve_kind, row_text
 from tuneforge.data.load import DataError, Reject, check_file, load_file, no_rows_reason
 from tuneforge.data.splits import InvalidRows, Splits, example_key, sort_labels
 from tuneforge.fsio import atomic_dir, atomic_write_json, is_complete, sha256_file
@@ -493,17 +493,17 @@ def _row_ids(name: str, examples) -> list[str]:
 
 def load_rows(kind_cfg, kind: str) -> tuple[dict[str, list[Row]], dict, list[Reject], Optional[set]]:
     """Load every file of the recipe as Rows; (rows, per-file info, rejects, allowed labels)."""
-    cfg, task = kind_cfg, loader_task(kind)
-    labelled = kind in ("classification", "pair")
+    cfg = kind_cfg
+    labelled = kind in LABELLED
     allowed = {str(lab) for lab in cfg.labels} if (cfg.labels is not None and labelled) else None
     paths = {s: getattr(cfg, s) for s in SPLITS if getattr(cfg, s)}
     names = _ids_for(paths)
-    loaded = {"train": load_file(cfg.train, task, cfg, allowed)}
+    loaded = {"train": load_file(cfg.train, kind, cfg, allowed)}
     if labelled and allowed is None:
         allowed = {ex.fields["label"] for ex in loaded["train"].examples}
     for split in ("validation", "test"):
         if split in paths:
-            loaded[split] = load_file(paths[split], task, cfg, allowed)
+            loaded[split] = load_file(paths[split], kind, cfg, allowed)
     for f in loaded.values():
         if not f.read:
             raise DataError(f"{f.path}: {no_rows_reason(f.path, cfg.format)}; there is nothing to prepare or train on.")
@@ -719,7 +719,7 @@ def run_pipeline(recipe, log: Callable[[str], None]) -> Splits:
         sub = random.Random(seed).sample(rows["train"], cfg.max_rows)
         record("subsample", {**rows, "train": sub}, {"train": {"max_rows": len(rows["train"]) - len(sub)}})
         files["train"]["subsampled_to"] = cfg.max_rows
-    labelled = kind in ("classification", "pair")
+    labelled = kind in LABELLED
     before_split = sum(len(v) for v in rows.values())
     rows = carve_missing(rows, files, cfg, seed, labelled, warn)
     steps.append({"step": "split", "in": before_split, "removed": {}, "out": sum(len(v) for v in rows.values()),
@@ -746,7 +746,7 @@ def _label_set(train: list[Row], allowed: Optional[set], cfg) -> list[str]:
 def _train_only_steps(rows: dict, cfg, kind: str, seed: int, record) -> dict:
     """Balancing and counterfactual augmentation: training rows only."""
     if cfg.balance != "none":
-        if kind not in ("classification", "pair"):
+        if kind not in LABELLED:
             raise DataError(f"data.balance={cfg.balance} needs labelled data; this is {kind} data. "
                             "Set data.balance: none.")
         new_train, rem, add, extra = balance_train(rows["train"], cfg.balance, seed)

@@ -1,9 +1,10 @@
 """The metric registry: one table of facts about every metric tuneforge reports.
 
 For each metric name: which direction is better, whether it is a headline
-number (reports, compare), whether it is paired-tested against the baseline,
-which validation passes compute it (so it can drive `train.metric_for_best`),
-and how it is displayed. Trainers, checkpoint selection, the runner, the
+number (reports, compare), which model kinds' final evaluation paired-tests it
+against the baseline, which model kinds' validation pass computes it (so it can
+drive `train.metric_for_best`; an objective may narrow that list), and how it
+is displayed. Trainers, checkpoint selection, the runner, the
 console, the report and compare all read this table; nothing else decides
 "lower is better". Also here: the one way a p-value is printed.
 """
@@ -13,7 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-CLASSIFICATION, SFT = "classification", "sft"
+from tuneforge import objectives
+from tuneforge.kinds import CAUSAL_LM, CLASSIFIER, REWARD
 
 # A p-value below this is printed and stored as a bound ("p < 1e-10"): exact
 # binomial tails underflow, and no test set supports more digits than that.
@@ -26,8 +28,8 @@ class Metric:
     name: str
     higher_is_better: bool
     headline: bool = True
-    paired: tuple[str, ...] = ()  # tasks whose final evaluation paired-tests it against the baseline
-    validation: tuple[str, ...] = ()  # tasks whose validation pass computes it (metric_for_best)
+    paired: tuple[str, ...] = ()  # model kinds whose final evaluation paired-tests it against the baseline
+    validation: tuple[str, ...] = ()  # model kinds whose validation pass computes it (metric_for_best)
     fmt: str = ".4f"
     generated: bool = False  # scored on greedy generations (validation needs eval.validation_generate)
 
@@ -39,7 +41,7 @@ class Metric:
         return "-" if value is None else format(value, self.fmt) if isinstance(value, float) else str(value)
 
 
-_C, _S, _BOTH = (CLASSIFICATION,), (SFT,), (CLASSIFICATION, SFT)
+_C, _S, _R = (CLASSIFIER,), (CAUSAL_LM,), (REWARD,)
 
 METRICS: dict[str, Metric] = {m.name: m for m in (
     Metric("accuracy", True, paired=_C, validation=_C),
@@ -61,6 +63,16 @@ METRICS: dict[str, Metric] = {m.name: m for m in (
     Metric("rouge_l", True, generated=True, paired=_S, validation=_S),
     Metric("bleu", True, validation=_S, fmt=".2f", generated=True),
     Metric("chrf", True, validation=_S, fmt=".2f", generated=True),
+    # preference objectives: a reward model's held-out pairwise accuracy (chosen scored above rejected),
+    # a policy's implicit-reward accuracy and margin (dpo), and its win rate against the starting model
+    Metric("pairwise_accuracy", True, paired=_R, validation=_R),
+    Metric("reward_margin", True, headline=False, validation=_R),
+    Metric("reward_accuracy", True),
+    Metric("win_rate", True),
+    Metric("mean_reward", True, generated=True),  # grpo: the mean reward of greedy generations
+    Metric("preference_accuracy", True),  # dpo: the chosen response gets the higher log-prob
+    Metric("kl_to_reference", False),
+    Metric("mean_response_tokens", False, headline=False),
 )}
 
 HEADLINE = tuple(name for name, m in METRICS.items() if m.headline)
@@ -73,19 +85,22 @@ def get(name: str) -> Metric:
     return METRICS[name]
 
 
-def paired(task: str) -> tuple[str, ...]:
-    """The metrics the final evaluation of `task` tests against the baseline, in registry order."""
-    return tuple(name for name, m in METRICS.items() if task in m.paired)
+def paired(model_kind: str) -> tuple[str, ...]:
+    """The metrics the final evaluation of a `model_kind` model tests against the baseline, in registry order."""
+    return tuple(name for name, m in METRICS.items() if model_kind in m.paired)
 
 
 def selectable(task: str) -> tuple[str, ...]:
-    """The metrics a validation pass of `task` computes: the valid `train.metric_for_best` values."""
-    return tuple(name for name, m in METRICS.items() if task in m.validation)
+    """The metrics a validation pass of objective `task` computes: the valid `train.metric_for_best` values."""
+    objective = objectives.get(task)
+    if objective.metrics is not None:
+        return objective.metrics
+    return tuple(name for name, m in METRICS.items() if objective.model_kind in m.validation)
 
 
 def check_metric_for_best(name: Optional[str], task: Optional[str]) -> Optional[str]:
     """None when `name` can drive checkpoint selection for `task`, else the problem in one line."""
-    if name is None or task not in (CLASSIFICATION, SFT):
+    if name is None or objectives.find(task) is None:
         return None
     known = selectable(task)
     if name in known:

@@ -24,6 +24,7 @@ from tuneforge.evaluate.metrics import (
 from tuneforge.evaluate.robustness import PERTURBATIONS, perturb
 from tuneforge.evaluate.stats import mcnemar, mean_ci, paired_bootstrap
 from tuneforge.evaluate.verdict import judge
+from tuneforge.kinds import CAUSAL_LM, CLASSIFIER
 
 CURVE_POINTS = 200
 WORST = 10
@@ -90,7 +91,7 @@ def evaluate_classifier(predict: Callable[[list[str]], np.ndarray], rows: list[d
                 "drop": metrics["accuracy"] - acc,
                 "changed": float(np.mean([a["text"] != b["text"] for a, b in zip(rows, noisy)])),
             }
-    result["verdict"] = judge(registry.CLASSIFICATION, metrics, result.get("baseline"))
+    result["verdict"] = judge(CLASSIFIER, metrics, result.get("baseline"))
     return result
 
 
@@ -121,7 +122,7 @@ def evaluate_generator(nll: Optional[tuple[np.ndarray, np.ndarray]], predictions
         base = generation_scores(baseline_predictions, references)
         tuned = generation_scores(predictions, references)
         if bootstrap:
-            metrics["vs_baseline"] = {k: paired_bootstrap(base[k], tuned[k]) for k in registry.paired(registry.SFT)}
+            metrics["vs_baseline"] = {k: paired_bootstrap(base[k], tuned[k]) for k in registry.paired(CAUSAL_LM)}
         result["samples"] = [{"reference": r, "base": b, "tuned": t}
                              for r, b, t in list(zip(references, baseline_predictions, predictions))[:SAMPLES]]
     if baseline_metrics is not None:
@@ -131,5 +132,5 @@ def evaluate_generator(nll: Optional[tuple[np.ndarray, np.ndarray]], predictions
         for name in PERTURBATIONS:
             em = generation_metrics(regenerate(name), references)["exact_match"]
             result["robustness"][name] = {"exact_match": em, "drop": metrics["exact_match"] - em}
-    result["verdict"] = judge(registry.SFT, metrics, baseline_metrics)
+    result["verdict"] = judge(CAUSAL_LM, metrics, baseline_metrics)
     return result

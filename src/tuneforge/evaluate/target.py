@@ -12,8 +12,9 @@ import datetime as dt
 from pathlib import Path
 from typing import Optional
 
-from tuneforge import catalog
+from tuneforge import catalog, kinds
 from tuneforge.console import comparison_table, console
+from tuneforge.data.formats import LABELLED, resolve_kind
 from tuneforge.data.load import DataError, load_file
 from tuneforge.data.prepare import prepare_splits
 from tuneforge.data.splits import InvalidRows
@@ -26,17 +27,6 @@ def is_run(path: Path) -> bool:
     return (path / "recipe.yaml").is_file() and (path / "model").is_dir()
 
 
-def infer_task(model_path: str) -> str:
-    from tuneforge.models import load_config
-
-    archs = load_config(model_path).architectures or []
-    if any(a.endswith("ForCausalLM") for a in archs):
-        return "sft"
-    if any(a.endswith("ForSequenceClassification") for a in archs):
-        return "classification"
-    raise ValueError(f"{model_path}: cannot tell the task from architectures {archs}; is it a fine-tuned model?")
-
-
 def resolve_target(target: str, data: Optional[str], overrides: list[str]) -> tuple[Recipe, str, Optional[Path]]:
     """(recipe, model path, run folder or None)."""
     path = Path(target)
@@ -44,10 +34,13 @@ def resolve_target(target: str, data: Optional[str], overrides: list[str]) -> tu
         return load_recipe(path / "recipe.yaml", overrides, check_files=False), str(path / "model"), path
     if data is None:
         raise ValueError(f"{target} is not a run folder: pass --data FILE to say what to evaluate on")
+    from tuneforge.models import model_kind
+
     model_path = catalog.resolve(target)
     spec = catalog.CATALOG.get(target)
-    task = spec.tasks[0] if spec else infer_task(model_path)
-    raw = {"name": path.name or target, "model": target, "task": task, "data": {"train": str(Path(data).resolve())}}
+    kind = kinds.get(spec.kinds[0]) if spec else model_kind(model_path)
+    raw = {"name": path.name or target, "model": target, "task": kind.default_objective,
+           "data": {"train": str(Path(data).resolve())}}
     return load_recipe(raw, overrides), model_path, None
 
 
@@ -64,19 +57,20 @@ def _rows(recipe: Recipe, data: Optional[str], split: str, labels: Optional[list
             others = [s for s in ("test", "validation", "train") if s != split and getattr(splits, s)]
             raise DataError(f"the run's {split} split has no rows (data.split sets its share to 0, or preparation "
                             f"removed them); pass --data FILE" + (f" or --split {others[0]}" if others else ""))
-        return rows, splits.train
+        return recipe.objective.rows(rows), recipe.objective.rows(splits.train)
     train_rows = None
     if Path(recipe.data.train).is_file() and Path(recipe.data.train) != Path(data).resolve():
         try:  # only for the majority baseline: without it the baseline is skipped
-            train_rows = prepare_splits(recipe).train
+            train_rows = recipe.objective.rows(prepare_splits(recipe).train)
         except DataError:
             train_rows = None
-    loaded = load_file(data, recipe.task, recipe.data, set(labels) if labels else None)
+    kind, cfg, _ = resolve_kind(recipe.data.model_copy(update={"train": data}), recipe.task)
+    loaded = load_file(data, kind, cfg, set(labels) if labels and kind in LABELLED else None)
     if loaded.rejects and recipe.data.on_invalid == "error":
         raise InvalidRows(loaded.rejects)
     if not loaded.examples:
         raise DataError(f"{data}: no rows to evaluate")
-    return [ex.fields for ex in loaded.examples], train_rows
+    return recipe.objective.rows([ex.fields for ex in loaded.examples]), train_rows
 
 
 def evaluate_target(target: str, data: Optional[str] = None, split: str = "test", overrides: Optional[list[str]] = None,
@@ -95,17 +89,26 @@ def evaluate_target(target: str, data: Optional[str] = None, split: str = "test"
                                        else Path("evals") / f"{recipe.name}-{stamp}")
     out.mkdir(parents=True, exist_ok=True)
     console.print(f"evaluating {target} ({recipe.task}) on {data or split} -> {out}")
-    if recipe.task == "classification":
+    kind = recipe.model_kind
+    # Baseline of a causal LM: the run's base model; for base + adapter, the base alone.
+    base_ref = base or (recipe.model if run_dir else target if adapter else None)
+    if kind.name == kinds.CLASSIFIER:
         result = _eval_classifier(recipe, model_path, adapter, data, split, dev)
-        baseline_name = "majority class"
+    elif kind.name == kinds.REWARD:
+        from tuneforge.evaluate.rewards import eval_reward_model
+
+        result = eval_reward_model(recipe, model_path, adapter, _rows(recipe, data, split, None)[0], dev)
+    elif _data_kind(recipe, data) == "preference":  # a policy (dpo, ...) on held-out preference pairs
+        from tuneforge.evaluate.policy import eval_policy
+
+        result = eval_policy(recipe, model_path, adapter, base_ref, _rows(recipe, data, split, None)[0], dev)
     else:
-        # Baseline: the run's base model; for base + adapter, the base alone.
-        base_ref = base or (recipe.model if run_dir else target if adapter else None)
         result = _eval_generator(recipe, model_path, adapter, base_ref, data, split, dev)
-        baseline_name = "base model"
+    baseline_name = kind.baseline
     test, baseline = result.pop("metrics"), result.pop("baseline", None)
     atomic_write_text(out / "recipe.yaml", dump_recipe(recipe))
     atomic_write_json(out / "manifest.json", {"target": target, "data_file": data, "split": split, "device": str(dev),
+                                              "model_kind": kind.name,
                                               "status": "evaluated", "started": stamp, "adapter": adapter})
     atomic_write_json(out / "metrics.json", {"test": test, "baseline": baseline, "validation": None})
     atomic_write_json(out / "evaluation.json", result)
@@ -117,6 +120,11 @@ def evaluate_target(target: str, data: Optional[str] = None, split: str = "test"
     return out
 
 
+def _data_kind(recipe: Recipe, data: Optional[str]) -> str:
+    cfg = recipe.data if data is None else recipe.data.model_copy(update={"train": data})
+    return resolve_kind(cfg, recipe.task)[0]
+
+
 def _load(auto_class, model_path: str, adapter: Optional[str]):
     """The model at `model_path`, with `adapter` merged in when given (safetensors only)."""
     from tuneforge.models import load_adapter, load_pretrained
@@ -126,15 +134,14 @@ def _load(auto_class, model_path: str, adapter: Optional[str]):
 
 
 def _eval_classifier(recipe: Recipe, model_path: str, adapter, data, split, dev) -> dict:
-    from transformers import AutoModelForSequenceClassification
-
     from tuneforge.evaluate.runner import evaluate_classifier
     from tuneforge.inference import encode, predict_proba
-    from tuneforge.models import load_tokenizer
+    from tuneforge.models import load_tokenizer, model_kind
 
-    if infer_task(model_path) == "sft":
+    kind = model_kind(model_path)
+    if kind.name == kinds.CAUSAL_LM:
         return _eval_zero_shot(recipe, model_path, adapter, data, split, dev)
-    model = _load(AutoModelForSequenceClassification, model_path, adapter).to(dev).eval()
+    model = _load(kind.auto(), model_path, adapter).to(dev).eval()
     tokenizer = load_tokenizer(model_path)
     labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
     rows, train_rows = _rows(recipe, data, split, labels)

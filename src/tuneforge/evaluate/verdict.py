@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+from tuneforge import kinds
 from tuneforge.evaluate import registry
 
 BETTER = "better_than_baseline"
@@ -45,16 +46,16 @@ def _not_above(metric: str, metrics: dict, baseline: dict, test: Optional[dict],
     return None if improved else f"{text}: not better"
 
 
-def judge(task: str, metrics: dict, baseline: Optional[dict]) -> dict:
-    """{"status", "reasons"} of a final evaluation against its baseline."""
+def judge(model_kind: str, metrics: dict, baseline: Optional[dict]) -> dict:
+    """{"status", "reasons"} of a final evaluation of a `model_kind` model against its baseline."""
     if not baseline or not metrics:
         return {"status": NO_BASELINE, "reasons": []}
-    baseline_name = "majority class" if task == registry.CLASSIFICATION else "base model"
+    baseline_name = kinds.get(model_kind).baseline
     tests = registry.paired_tests(metrics.get("vs_baseline"))
     reasons = []
-    if task == registry.CLASSIFICATION and (one := _one_class(metrics)):
+    if model_kind == kinds.CLASSIFIER and (one := _one_class(metrics)):
         reasons.append(one)
-    headline = [m for m in registry.paired(task) if isinstance(metrics.get(m), float)]
+    headline = [m for m in registry.paired(model_kind) if isinstance(metrics.get(m), float)]
     if not headline and isinstance(metrics.get("loss"), float):
         headline = ["loss"]  # no generations (raw-text training): the LM loss decides
     misses = [why for m in headline if (why := _not_above(m, metrics, baseline, tests.get(m), baseline_name))]
@@ -72,12 +73,11 @@ def hints(recipe) -> list[str]:
               ": too high can diverge, too low barely moves the weights; try 3x either way")]
     length = f"train.max_steps {t.max_steps}" if t.max_steps else f"train.epochs {t.epochs}"
     out.append(f"training length ({length}): too short to learn the task? train longer")
-    if m.name == "freeze":
-        out.append(f"method freeze trains only the top {m.trainable_layers} layer(s) and the head: "
-                   "raise method.trainable_layers, or use method.name: full")
-    elif m.name in ("lora", "qlora"):
-        out.append(f"method {m.name} (r={m.r}) trains few weights: a higher learning rate or r, or method.name: full")
-    if recipe.task == registry.CLASSIFICATION:
+    out += m.hints()
+    if recipe.model_kind.name == kinds.REWARD:
+        out.append("a reward model near chance: more pairs or steps, and compare it with the longer-response "
+                   "baseline in the report (a model that learned length alone sits near it)")
+    elif recipe.model_kind.name == kinds.CLASSIFIER:
         out.append("one predicted class usually means imbalanced labels or a head that did not train: "
                    "try data.balance: class_weights and check the head is trainable")
     else:

@@ -9,6 +9,7 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
+from tuneforge import kinds
 from tuneforge.console import console
 from tuneforge.fairness.audit import (
     GroupAudit,
@@ -174,7 +175,7 @@ def before_training(recipe, splits, run) -> Optional[Callable]:
     from tuneforge.fairness.mitigate import counterfactual_augment, fairness_penalty, reweighing_weights
 
     cfg = recipe.fairness
-    if recipe.task != "classification" or not cfg.active:
+    if recipe.model_kind.name != kinds.CLASSIFIER or not cfg.active:
         return None
     lexicons = select_lexicons(cfg)
     groups = group_values(splits.train, cfg, lexicons)
@@ -237,7 +238,7 @@ def after_training(recipe, run, predict: Callable[[list[str]], np.ndarray], spli
     from tuneforge.fairness.mitigate import load_postprocessor, save_postprocessor
 
     cfg = recipe.fairness
-    if recipe.task != "classification" or not cfg.active:
+    if recipe.model_kind.name != kinds.CLASSIFIER or not cfg.active:
         return None
     lexicons = select_lexicons(cfg)
     labels = list(splits.labels)

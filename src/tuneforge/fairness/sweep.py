@@ -13,6 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional, Sequence
 
+from tuneforge import kinds
 from tuneforge.recipe import Recipe, load_recipe
 
 # Each variant switches one mitigation on over the recipe's fairness section
@@ -48,7 +49,7 @@ def mitigation_sweep(recipe, output: str, variants: Sequence[str] = tuple(VARIAN
 
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
-    if recipe.task != "classification":
+    if recipe.model_kind.name != kinds.CLASSIFIER:
         raise ValueError("mitigation sweeps train classifiers; for causal LMs use `tuneforge audit --crows`")
     if "baseline" not in variants:
         raise ValueError("the sweep needs the 'baseline' variant to compare against")

@@ -14,6 +14,7 @@ import datetime as dt
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
+from tuneforge import kinds
 from tuneforge.console import console
 from tuneforge.data.load import DataError, load_file, read_records
 from tuneforge.data.prepare import prepare_splits
@@ -69,11 +70,10 @@ def _fit_columns_to(data: str, recipe: Recipe) -> None:
 def _classifier(model_path: str, recipe: Recipe, dev) -> tuple[Callable, list[str]]:
     from transformers import AutoModelForSequenceClassification
 
-    from tuneforge.evaluate.target import infer_task
     from tuneforge.inference import encode, predict_proba
-    from tuneforge.models import load_pretrained, load_tokenizer
+    from tuneforge.models import load_pretrained, load_tokenizer, model_kind
 
-    if infer_task(model_path) != "classification":
+    if model_kind(model_path).name != kinds.CLASSIFIER:
         raise ValueError(f"{model_path} is a causal LM: audit it with --crows FILE and/or --sentiment CLASSIFIER "
                          "(zero-shot classification audits are not supported)")
     model = load_pretrained(AutoModelForSequenceClassification, model_path).to(dev).eval()
@@ -115,15 +115,17 @@ def _prompts(path: str, recipe: Recipe) -> list[str]:
 
 def _resolve(target: str, data: Optional[str], overrides: list[str]):
     from tuneforge import catalog
-    from tuneforge.evaluate.target import infer_task, is_run, resolve_target
+    from tuneforge.evaluate.target import is_run, resolve_target
+    from tuneforge.models import model_kind
 
     if is_run(Path(target)) or data is not None:
         return resolve_target(target, data, overrides)
     # A causal LM audited on CrowS-Pairs alone needs no data file.
     model_path = catalog.resolve(target)
     spec = catalog.CATALOG.get(target)
-    task = "sft" if (spec and "sft" in spec.tasks) else infer_task(model_path)
-    raw = {"name": Path(target).name or target, "model": target, "task": task, "data": {"train": "-"}}
+    kind = kinds.get(kinds.CAUSAL_LM) if (spec and kinds.CAUSAL_LM in spec.kinds) else model_kind(model_path)
+    raw = {"name": Path(target).name or target, "model": target, "task": kind.default_objective,
+           "data": {"train": "-"}}
     return load_recipe(raw, overrides, check_files=False), model_path, None
 
 
@@ -133,9 +135,8 @@ def audit_target(target: str, data: Optional[str] = None, split: str = "test", g
                  compare: Sequence[str] = (), crows: Optional[str] = None, crows_limit: Optional[int] = None,
                  bias_types: Sequence[str] = (), sentiment: Optional[str] = None, max_new_tokens: int = 32) -> dict:
     """Run the audit, write audit.json / audit.html / audit.md; returns the result (with "path")."""
-    from tuneforge.evaluate.target import infer_task
     from tuneforge.fairness.mitigate import load_postprocessor
-    from tuneforge.models import pick_device, quiet_transformers
+    from tuneforge.models import model_kind, pick_device, quiet_transformers
 
     quiet_transformers()
     overrides = list(overrides)
@@ -146,7 +147,7 @@ def audit_target(target: str, data: Optional[str] = None, split: str = "test", g
     dev = pick_device(device or recipe.device)
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     out = Path(output) if output else (run_dir / AUDIT_DIR if run_dir else Path("audits") / f"{recipe.name}-{stamp}")
-    causal = infer_task(model_path) == "sft"
+    causal = model_kind(model_path).name == kinds.CAUSAL_LM
     console.print(f"auditing {target} on {data or ('CrowS-Pairs' if causal and crows else split)} -> {out}")
     if causal:
         result = _audit_generator(model_path, recipe, dev, data, lexs, crows, crows_limit, bias_types, sentiment,

@@ -23,12 +23,29 @@ scored on the GPU in the compute dtype (bf16), as it trained.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
 
 from tuneforge import gpu
+from tuneforge.kinds import CAUSAL_LM, ModelKind
 from tuneforge.methods import lora
-from tuneforge.recipe import MethodConfig
 
+NAME = "qlora"
+ADAPTER = True
+MODEL_KINDS = (CAUSAL_LM,)  # the 4-bit loader is the causal-LM one; a classifier's new head would be quantised too
+DEFAULT_LEARNING_RATES = {CAUSAL_LM: 2e-4}
+WEIGHT_BYTES = 0.5  # NF4 plus its float scales, roughly
 FEATURE = gpu.QLORA_FEATURE
+
+
+class Config(lora.Config):
+    name: Literal["qlora"] = Field(
+        NAME, description="qlora: LoRA adapters over a 4-bit NF4 base model (bitsandbytes, double quantisation, "
+        "bf16 compute; causal LMs only; needs a CUDA GPU and `pip install 'tuneforge[gpu]'`).")
+
+    def load_options(self) -> dict:
+        return {"quantize_4bit": True}
 
 
 def check_available(device=None) -> None:
@@ -40,7 +57,7 @@ def load_options() -> dict:
     return gpu.nf4_options()
 
 
-def prepare(model, cfg: MethodConfig, task: str):
+def prepare(model, cfg: Config, kind: ModelKind):
     check_available()
     if not getattr(model, "is_loaded_in_4bit", False):
         raise ValueError(
@@ -52,7 +69,7 @@ def prepare(model, cfg: MethodConfig, task: str):
     # Gradient checkpointing stays with train.gradient_checkpointing (apply_method,
     # non-reentrant, so no input-gradient hook is needed here).
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    return lora.prepare(model, cfg, task)
+    return lora.prepare(model, cfg, kind)
 
 
 def save(model, tokenizer, folder: Path):
@@ -73,3 +90,7 @@ def save(model, tokenizer, folder: Path):
     if device.type == "cuda":
         return merged.to(device, dtype=gpu.compute_dtype())
     return merged
+
+
+def trainable_parameters(model, cfg: Config, kind: ModelKind) -> int:
+    return lora.trainable_parameters(model, cfg, kind)

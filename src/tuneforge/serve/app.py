@@ -19,20 +19,21 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 
+from tuneforge import kinds
 from tuneforge.serve.schemas import (
+    INFERENCE_ROUTES,
     TEXT_ERRORS,
     AddAdapter,
     ApiError,
     ChatRequest,
     ClassifyRequest,
     CompletionRequest,
+    RewardRequest,
     error_loc,
     error_response,
 )
 from tuneforge.serve.security import AuthMiddleware, BodyLimitMiddleware, DrainMiddleware
 from tuneforge.serve.service import ClientGone, Service, Settings, note
-
-INFERENCE_ROUTES = {"/v1/chat/completions", "/v1/completions", "/v1/classify"}
 
 __all__ = ["Settings", "create_app"]
 
@@ -141,7 +142,7 @@ def add_inference_routes(app: FastAPI, service: Service) -> None:
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest, request: Request):
-        service.pick(body.model, "sft", request)
+        service.pick(body.model, kinds.CAUSAL_LM, request)
         note(request, input=[{"role": m.role, "content": m.text()} for m in body.messages])
         prompt = await asyncio.to_thread(service.chat_prompt, body)  # a long prompt must not stall the event loop
         chunk, final = chat_shapes(body, f"chatcmpl-{uuid.uuid4().hex}", int(time.time()))
@@ -149,7 +150,7 @@ def add_inference_routes(app: FastAPI, service: Service) -> None:
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
-        service.pick(body.model, "sft", request)
+        service.pick(body.model, kinds.CAUSAL_LM, request)
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         if not prompts:
             raise ApiError(400, "prompt is empty", "invalid_value", "prompt")
@@ -162,6 +163,10 @@ def add_inference_routes(app: FastAPI, service: Service) -> None:
     @app.post("/v1/classify")
     async def classify(body: ClassifyRequest, request: Request):
         return await service.classify(request, body)
+
+    @app.post("/v1/rewards")
+    async def rewards(body: RewardRequest, request: Request):
+        return await service.rewards(request, body)
 
 
 def chat_shapes(body: ChatRequest, ident: str, created: int):

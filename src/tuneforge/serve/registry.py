@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from tuneforge import safeyaml
+from tuneforge import kinds, safeyaml
+from tuneforge.kinds import CAUSAL_LM, CLASSIFIER, REWARD
 
 
 class TargetError(ValueError):
@@ -35,7 +36,7 @@ class AdapterSource:
 
 @dataclass
 class Served:
-    task: str  # "classification" | "sft"
+    kind: str  # a tuneforge.kinds model kind: classifier | causal_lm | reward
     base_name: str
     base_path: str  # what from_pretrained loads
     labels: Optional[list[str]] = None
@@ -46,6 +47,9 @@ class Served:
     tokenizer: object = None
     adapters: dict = field(default_factory=dict)  # name -> AdapterSource
     dtype: str = "float32"  # weights' dtype: float32 or bfloat16
+    # reward models: the training's system prompt and max_length, so requests render as its pairs did
+    system_prompt: Optional[str] = None
+    max_length: Optional[int] = None
 
     def names(self) -> list[str]:
         return [self.base_name, *self.adapters]
@@ -93,20 +97,30 @@ def adapter_source(name: str, ref: str) -> AdapterSource:
 
 def resolve(target: str, name: Optional[str] = None) -> Served:
     """Work out what TARGET means, without loading weights."""
+    served = _resolve(target, name)
+    if served.kind == REWARD and Path(target).is_dir():
+        from tuneforge.evaluate.rewards import reward_settings
+
+        settings = reward_settings(Path(target))  # a run's recipe, or the one an export's manifest keeps
+        served.system_prompt, served.max_length = settings.system_prompt, settings.max_length
+    return served
+
+
+def _resolve(target: str, name: Optional[str]) -> Served:
     from tuneforge import catalog
-    from tuneforge.evaluate.target import infer_task
+    from tuneforge.models import model_kind
 
     path = Path(target)
     if (path / "recipe.yaml").is_file() and (path / "model").is_dir():
         recipe = safeyaml.load_file(path / "recipe.yaml")
-        task = recipe["task"]
+        kind = model_kind(str(path / "model")).name  # what the run's model is, whatever objective trained it
         if (path / "model" / "adapter").is_dir():
             own = adapter_source(name or path.resolve().name, str(path))
             base = catalog.resolve(recipe["model"])
-            return Served(task, recipe["model"], base, labels=own.labels, own_adapter=own,
+            return Served(kind, recipe["model"], base, labels=own.labels, own_adapter=own,
                           chat_template=_template_of(Path(base)))
         folder = path / "model"
-        return Served(task, name or path.resolve().name, str(folder), labels=_read_labels(folder / "config.json"),
+        return Served(kind, name or path.resolve().name, str(folder), labels=_read_labels(folder / "config.json"),
                       chat_template=_template_of(folder))
     if path.is_dir():
         if (path / "manifest.json").is_file() and "files" in json.loads((path / "manifest.json").read_text()):
@@ -117,7 +131,7 @@ def resolve(target: str, name: Optional[str] = None) -> Served:
                 raise TargetError(f"{target}: {problem}; re-export the run (tuneforge export RUN --to DIR)")
         if not (path / "config.json").is_file():
             raise TargetError(f"{target}: no config.json; pass a run folder, an exported folder or a catalogue name")
-        return Served(infer_task(str(path)), name or path.resolve().name, str(path.resolve()),
+        return Served(_kind_of(str(path), target), name or path.resolve().name, str(path.resolve()),
                       labels=_read_labels(path / "config.json"), chat_template=_template_of(path))
     problem = catalog.check_model_reference(target)
     if problem:
@@ -125,11 +139,20 @@ def resolve(target: str, name: Optional[str] = None) -> Served:
     spec = catalog.CATALOG.get(target)
     model_path = catalog.resolve(target)
     try:
-        task = spec.tasks[0] if spec else infer_task(model_path)
+        kind = spec.kinds[0] if spec else _kind_of(model_path, target)
     except OSError as exc:
         raise TargetError(f"{target}: no such folder here, not a catalogue model, and not loadable as a hub id "
                           f"({str(exc).splitlines()[0]})") from None
-    return Served(task, name or target, model_path, chat_template=_template_of(Path(model_path)))
+    return Served(kind, name or target, model_path, chat_template=_template_of(Path(model_path)))
+
+
+def _kind_of(model_path: str, target: str) -> str:
+    from tuneforge.models import model_kind
+
+    try:
+        return model_kind(model_path).name
+    except ValueError as exc:
+        raise TargetError(f"{target}: {exc}") from None
 
 
 def _context_length(model, tokenizer) -> int:
@@ -147,7 +170,12 @@ def load_base(served: Served, device) -> None:
 
     quiet_transformers()
     dtype = getattr(torch, served.dtype)
-    if served.task == "classification":
+    if served.kind == REWARD:  # one scalar output, whatever labels a base's config names
+        from tuneforge.evaluate.rewards import reward_config_options
+
+        model = load_pretrained(AutoModelForSequenceClassification, served.base_path, dtype=dtype,
+                                **reward_config_options())
+    elif served.kind == CLASSIFIER:
         kwargs = {}
         if served.labels:
             kwargs = {"num_labels": len(served.labels), "id2label": dict(enumerate(served.labels)),
@@ -160,9 +188,14 @@ def load_base(served: Served, device) -> None:
     tokenizer = load_tokenizer(str(tokenizer_from))
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
-    if served.task == "sft":
+    if served.kind == CAUSAL_LM:
         served.chat_template = (served.own_adapter and served.own_adapter.chat_template) or served.chat_template \
             or tokenizer.chat_template or DEFAULT_CHAT_TEMPLATE
+    if served.kind == REWARD:  # the template training saved with the tokenizer (or gave it, when it had none)
+        from tuneforge.evaluate.rewards import ensure_template
+
+        ensure_template(tokenizer)
+        served.chat_template = tokenizer.chat_template
     served.model, served.tokenizer = model.to(device).eval(), tokenizer
     served.context = _context_length(model, tokenizer)
 
@@ -181,7 +214,7 @@ def check_adapter(served: Served, source: AdapterSource) -> None:
     if source.name in served.names():
         raise TargetError(f"a model named '{source.name}' is already served; pick another name")
     config = json.loads((source.path / "adapter_config.json").read_text())
-    expected = "SEQ_CLS" if served.task == "classification" else "CAUSAL_LM"
+    expected = kinds.get(served.kind).peft_task_type
     if config.get("task_type") not in (expected, None):
         raise TargetError(f"adapter {source.name} is for {config.get('task_type')}, the served model is {expected}")
     if source.base_ref is not None:
@@ -189,7 +222,10 @@ def check_adapter(served: Served, source: AdapterSource) -> None:
             raise TargetError(
                 f"adapter {source.name} was trained on '{source.base_ref}' but the served weights are "
                 f"{served.base_path}; serve its base instead: tuneforge serve {source.base_ref} --adapter ...")
-    if served.task == "classification" and source.labels and served.labels and source.labels != served.labels:
+    if served.kind == REWARD and source.labels and len(source.labels) != 1:
+        raise TargetError(f"adapter {source.name} is a classifier (labels {source.labels}), the served model is a "
+                          "reward model")
+    if served.kind == CLASSIFIER and source.labels and served.labels and source.labels != served.labels:
         raise TargetError(f"adapter {source.name} has labels {source.labels}, the served model {served.labels}; "
                           "one server shares one label set")
 
@@ -247,8 +283,26 @@ def activate(served: Served, name: str):
     return nullcontext()
 
 
+def reward_encode(served: Served, pairs: list[tuple[str, str]]) -> list[list[int]]:
+    """Token ids per (prompt, response) for the served reward model, rendered as its training rendered them."""
+    from tuneforge.evaluate.rewards import encode_response
+
+    limit = min(served.max_length or served.context, served.context)
+    return [encode_response(served.tokenizer, p, r, limit, served.system_prompt) for p, r in pairs]
+
+
+def reward_scores(served: Served, ids: list[list[int]], device) -> list[float]:
+    """On the model thread: the reward model's score per id list (the active base or adapter)."""
+    from tuneforge.evaluate.rewards import score_ids
+    from tuneforge.inference import supports_packed_classification
+    from tuneforge.serve.engine import CLASSIFY_CHUNK
+
+    chunk = max(len(ids), 1) if supports_packed_classification(served.model) else CLASSIFY_CHUNK
+    return score_ids(served.model, ids, served.tokenizer.pad_token_id, chunk, device).tolist()
+
+
 def load(served: Served, extra: list[AdapterSource], device) -> Served:
-    if served.task == "classification" and not served.labels:
+    if served.kind == CLASSIFIER and not served.labels:
         # A bare base's head is random anyway: take the adapters' label names.
         served.labels = next((s.labels for s in extra if s.labels), None)
     load_base(served, device)

@@ -17,7 +17,7 @@ ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "
                404: "not_found_error", 409: "invalid_request_error", 413: "invalid_request_error",
                422: "invalid_request_error", 429: "rate_limit_error", 500: "server_error", 503: "server_error",
                504: "timeout_error"}
-INFERENCE_ROUTES = {"/v1/chat/completions", "/v1/completions", "/v1/classify"}
+INFERENCE_ROUTES = {"/v1/chat/completions", "/v1/completions", "/v1/classify", "/v1/rewards"}
 
 
 class ApiError(HTTPException):
@@ -117,6 +117,33 @@ class ClassifyRequest(Body):
     input: Union[Text, list[Text]] = Field(description="A text or a list of texts.")
     groups: Optional[list[Text]] = Field(
         None, description="One group per input, for models saved with fairness post-processing by a group column.")
+
+
+class RewardPair(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    prompt: Text = Field(description="The conversation so far: a user message, or an HH-style Human/Assistant "
+                                     "transcript ending with 'Assistant:'.")
+    response: Text = Field(description="The assistant response to score (may be empty).")
+
+
+class RewardRequest(Body):
+    model: Text = Field(description="The served reward model or adapter name.")
+    prompt: Optional[Text] = Field(None, description="One prompt, scored with each of `responses`.")
+    responses: Optional[list[Text]] = Field(None, description="Responses to `prompt`, each scored on its own.")
+    input: Optional[list[RewardPair]] = Field(
+        None, description="Instead of prompt + responses: a list of {prompt, response} pairs.")
+
+    def pairs(self) -> list[tuple[str, str]]:
+        """(prompt, response) per score asked for; 400 unless exactly one of the two shapes is given."""
+        if (self.input is None) == (self.prompt is None and self.responses is None):
+            raise ApiError(400, "give either prompt + responses, or input: [{prompt, response}, ...]",
+                           "invalid_value", "input")
+        if self.input is not None:
+            return [(p.prompt, p.response) for p in self.input]
+        if self.prompt is None or self.responses is None:
+            raise ApiError(400, "prompt and responses go together", "invalid_value",
+                           "responses" if self.responses is None else "prompt")
+        return [(self.prompt, r) for r in self.responses]
 
 
 class AddAdapter(BaseModel):

@@ -19,7 +19,8 @@ from typing import Callable, Optional
 API_KEYS_ENV = "TUNEFORGE_API_KEYS"
 ADMIN_KEYS_ENV = "TUNEFORGE_ADMIN_KEYS"
 PUBLIC = b"/health"
-USER_PATHS = {b"/v1/models", b"/v1/chat/completions", b"/v1/completions", b"/v1/classify", b"/metrics"}
+USER_PATHS = {b"/v1/models", b"/v1/chat/completions", b"/v1/completions", b"/v1/classify", b"/v1/rewards",
+              b"/metrics"}
 USER_PREFIXES = (b"/v1/models/",)  # GET /v1/models/{id}
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,9 +20,18 @@ from typing import Any, Callable, Optional
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from tuneforge import kinds
 from tuneforge.serve import engine, registry
 from tuneforge.serve.batcher import Batcher, QueueFull
-from tuneforge.serve.schemas import ERROR_TYPES, AddAdapter, ApiError, ChatRequest, ClassifyRequest, Sampling
+from tuneforge.serve.schemas import (
+    ERROR_TYPES,
+    AddAdapter,
+    ApiError,
+    ChatRequest,
+    ClassifyRequest,
+    RewardRequest,
+    Sampling,
+)
 
 UNSUPPORTED = ("logprobs", "top_logprobs", "tools", "functions", "response_format", "suffix", "logit_bias",
                "presence_penalty", "frequency_penalty")
@@ -36,15 +46,29 @@ class Settings:
     max_body: int = 2 * 1024 * 1024
     default_max_tokens: int = 256  # chat completions without max_tokens (completions default to 16, as OpenAI)
     max_n: int = 8
-    max_inputs: int = 256  # texts per /v1/classify request
-    # Work per request, in tokens: the texts' tokens for /v1/classify; prompt plus
-    # token budget (max_tokens), summed over sequences, for generation.
+    max_inputs: int = 256  # texts per /v1/classify request, responses per /v1/rewards request
+    # Work per request, in tokens: the texts' tokens for /v1/classify, the rendered prompt + response
+    # pairs for /v1/rewards; prompt plus token budget (max_tokens), summed over sequences, for generation.
     max_request_tokens: int = 16384
     device: str = "auto"
     dtype: str = "float32"  # or bfloat16: half the memory; on CPUs with AVX512-BF16 or AMX, faster batches
     threads: Optional[int] = None  # torch intra-op threads (None: torch's default, one per core)
     request_log: Optional[str] = None
     log_inputs: str = "hash"
+
+
+# One reward rendering at a time: request threads share the fast tokenizer, which
+# must not be entered from two threads while its settings change ("Already borrowed").
+REWARD_TOKENIZE = threading.Lock()
+
+
+def split_results(values: list, pieces: list) -> list:
+    """Per piece of a micro-batch, its rows' share of `values` (one per row, in piece order)."""
+    out, start = [], 0
+    for piece in pieces:
+        out.append(values[start:start + len(piece.payload)])
+        start += len(piece.payload)
+    return out
 
 
 class ClientGone(Exception):
@@ -169,11 +193,10 @@ class Service:
         with registry.activate(served, model):
             if kind == "classify":
                 probs = engine.classify(served, [ids for p in pieces for ids in p.payload], self.device)
-                out, start = [], 0
-                for piece in pieces:
-                    out.append(probs[start:start + len(piece.payload)])
-                    start += len(piece.payload)
-                return out
+                return split_results(probs, pieces)
+            if kind == "reward":
+                return split_results(registry.reward_scores(served, [ids for p in pieces for ids in p.payload],
+                                                            self.device), pieces)
             rows = [r for p in pieces for r in p.payload]
             engine.generate(served, rows, self.device)
             self.metrics.tokens.labels(model).inc(sum(len(r.tokens) for r in rows))
@@ -181,7 +204,7 @@ class Service:
 
     # ------------------------------------------------------------ checks
 
-    def pick(self, model: str, task: str, request: Request) -> None:
+    def pick(self, model: str, kind: str, request: Request) -> None:
         served = self.served
         if model not in served.names():
             raise ApiError(404, f"the model '{model}' does not exist; GET /v1/models lists "
@@ -189,9 +212,9 @@ class Service:
         # Noted only once known: a client-chosen name as a metrics label would
         # grow /metrics (and memory) without bound.
         note(request, model=model)
-        if served.task != task:
-            other = "/v1/classify" if served.task == "classification" else "/v1/chat/completions"
-            raise ApiError(400, f"'{model}' is a {served.task} model; use {other}", "wrong_task", "model")
+        if served.kind != kind:
+            other = kinds.get(served.kind).route
+            raise ApiError(400, f"'{model}' is a {served.kind} model; use {other}", "wrong_model_kind", "model")
 
     def check_work(self, tokens: int, what: str, param: str) -> None:
         """400 for a request over --max-request-tokens, before it reaches the model."""
@@ -274,7 +297,7 @@ class Service:
     # ------------------------------------------------------------ classification
 
     async def classify(self, request: Request, body: ClassifyRequest) -> dict:
-        self.pick(body.model, "classification", request)
+        self.pick(body.model, kinds.CLASSIFIER, request)
         texts = [body.input] if isinstance(body.input, str) else body.input
         if not texts or len(texts) > self.settings.max_inputs:
             raise ApiError(400, f"input takes 1 to {self.settings.max_inputs} texts", "invalid_value", "input")
@@ -294,6 +317,32 @@ class Service:
             row["model_label"], row["label"], row["postprocessed"] = row["label"], label, True
         note(request, output=[d["label"] for d in data])
         return {"object": "list", "model": body.model, "data": data}
+
+    # ------------------------------------------------------------ rewards
+
+    def reward_ids(self, pairs: list[tuple[str, str]]) -> list[list[int]]:
+        """Token ids per (prompt, response), rendered as the reward model's training rendered them."""
+        with REWARD_TOKENIZE:
+            return registry.reward_encode(self.served, pairs)
+
+    async def rewards(self, request: Request, body: RewardRequest) -> dict:
+        self.pick(body.model, kinds.REWARD, request)
+        pairs = body.pairs()
+        if not pairs or len(pairs) > self.settings.max_inputs:
+            raise ApiError(400, f"a request scores 1 to {self.settings.max_inputs} responses", "invalid_value",
+                           "input" if body.input is not None else "responses")
+        empty = next((i for i, (p, _) in enumerate(pairs) if not p.strip()), None)
+        if empty is not None:
+            raise ApiError(400, f"prompt {empty} is empty; a reward model scores a response to a prompt",
+                           "invalid_value", "input" if body.input is not None else "prompt")
+        note(request, input=[{"prompt": p, "response": r} for p, r in pairs])
+        ids = await asyncio.to_thread(self.reward_ids, pairs)
+        self.check_work(sum(len(x) for x in ids), f"the tokens of {len(pairs)} prompt + response pairs",
+                        "input" if body.input is not None else "responses")
+        scores = await self.wait(request, self.submit("reward", body.model, ids))
+        note(request, output=scores)
+        return {"object": "list", "model": body.model,
+                "data": [{"object": "reward", "index": i, "score": float(s)} for i, s in enumerate(scores)]}
 
     # ------------------------------------------------------------ generation
 
@@ -377,7 +426,7 @@ class Service:
     def model_card(self, model_id: str) -> dict:
         served = self.served
         return {"id": model_id, "object": "model", "created": self.started, "owned_by": "tuneforge",
-                "task": served.task, "parent": None if model_id == served.base_name else served.base_name}
+                "kind": served.kind, "parent": None if model_id == served.base_name else served.base_name}
 
     async def add_adapter(self, body: AddAdapter) -> dict:
         if body.name in self.served.names():

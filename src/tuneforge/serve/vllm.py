@@ -63,11 +63,12 @@ def unavailable() -> Optional[str]:
 def command(target: str, adapters: dict[str, str], host: str, port: int,
             name: Optional[str] = None) -> list[str]:
     """The vLLM command line for TARGET (a classifier is refused: vLLM serves generation)."""
+    from tuneforge import kinds
     from tuneforge.serve import registry
 
     served = registry.resolve(target, name)
-    if served.task != "sft":
-        raise registry.TargetError(f"{target} is a {served.task} model; --engine vllm serves generation only, "
+    if served.kind != kinds.CAUSAL_LM:
+        raise registry.TargetError(f"{target} is a {served.kind} model; --engine vllm serves generation only, "
                                    "use the default --engine torch")
     sources = ([served.own_adapter] if served.own_adapter else []) + \
         [registry.adapter_source(n, ref) for n, ref in adapters.items()]

@@ -1,6 +1,8 @@
 """Text classification: an encoder with a classification head.
 
 setup (data, model, method) -> train (shared loop) -> save -> test vs majority baseline.
+`fit_classifier` is everything after the data loads, for other objectives that
+train a classifier head on rows they build.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from tuneforge.console import console
+from tuneforge.data.splits import Splits
 from tuneforge.evaluate import registry
 from tuneforge.evaluate.metrics import classification_metrics
 from tuneforge.evaluate.runner import evaluate_classifier
@@ -18,6 +21,7 @@ from tuneforge.fairness import run as fairness
 from tuneforge.inference import collate, encode, predict_proba
 from tuneforge.models import load_classifier, load_options
 from tuneforge.recipe import Recipe
+from tuneforge.run import Run
 from tuneforge.trainers import shared
 from tuneforge.training import distributed
 from tuneforge.training.batching import plan_epoch
@@ -26,10 +30,20 @@ from tuneforge.training.loop import Objective, fit
 
 def train(recipe: Recipe, output: Optional[str] = None, resume: bool = False, device: Optional[str] = None,
           quiet: bool = False) -> dict:
-    # ---- setup
-    best = registry.metric_for_best(recipe.metric_for_best, recipe.task)  # before any run folder exists
+    registry.metric_for_best(recipe.metric_for_best, recipe.task)  # checked before any run folder exists
     run, dev = shared.open_run(recipe, output, resume, device)
     splits = shared.load_splits(recipe, run)
+    return fit_classifier(recipe, run, dev, splits, resume=resume, quiet=quiet)
+
+
+def fit_classifier(recipe: Recipe, run: Run, dev: torch.device, splits: Splits, resume: bool = False,
+                   quiet: bool = False) -> dict:
+    """Train, save and test a classifier on `splits` (rows with text and label, or
+    text pairs; `splits.labels` the label set), in the open `run`: the whole
+    classification objective after its data is loaded, for any objective that
+    trains a classifier head (it builds the rows, this does the rest)."""
+    # ---- setup
+    best = registry.metric_for_best(recipe.metric_for_best, recipe.task)
     penalty = fairness.before_training(recipe, splits, run)  # representation check, reweighing, augmentation
     labels = splits.labels
     label_id = {lab: i for i, lab in enumerate(labels)}

@@ -9,7 +9,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from tuneforge import __version__, gpu
+from tuneforge import __version__, gpu, kinds
 from tuneforge.console import comparison_table, console, verdict_panel
 from tuneforge.data.splits import InvalidRows, Splits, write_rejects
 from tuneforge.evaluate import registry
@@ -40,7 +40,8 @@ def open_run(recipe: Recipe, output: Optional[str], resume: bool, device: Option
     if distributed.is_main():
         run = Run(path, recipe, resume=resume)
         rank, size = distributed.world()
-        run.update(device=str(dev), tuneforge_version=__version__, world_size=size)
+        run.update(device=str(dev), tuneforge_version=__version__, world_size=size,
+                   model_kind=recipe.model_kind.name)
     distributed.barrier()  # the folder exists before the other ranks look at it
     if not distributed.is_main():
         run = Run(path, recipe, resume=resume, writer=False)
@@ -52,12 +53,13 @@ def load_splits(recipe: Recipe, run: Run) -> Splits:
     """Run the data studio's prepare pipeline (cleaning, PII, dedup, near-dup,
     split, balance, augment; cached by content hash) and record its report in the
     manifest; every reject goes to rejects.jsonl whether we stop or skip."""
+    from tuneforge.data.formats import check_trainable
     from tuneforge.data.load import DataError
     from tuneforge.data.studio import prepare_data
 
     try:
         splits = prepare_data(recipe, log=console.print if distributed.is_main() else (lambda m: None))
-        _check_trainable(splits.kind)
+        check_trainable(splits.kind, recipe.task)
     except InvalidRows as exc:
         if run.writer:
             write_rejects(run.path / "rejects.jsonl", exc.rejects)
@@ -88,18 +90,9 @@ def load_splits(recipe: Recipe, run: Run) -> Splits:
     console.print(
         f"splits: {sizes}" + (" (prepared data from cache)" if splits.report.get("cache", {}).get("hit") else "")
     )
-    if recipe.task == "sft":
+    if recipe.model_kind.name == kinds.CAUSAL_LM:
         _pin_template(recipe, run, splits)
     return splits
-
-
-def _check_trainable(kind: str) -> None:
-    from tuneforge.data.load import DataError
-
-    if kind == "preference":
-        raise DataError(
-            "the data is preference pairs (DPO-style), and no trainer takes them yet. `tuneforge data prepare` "
-            "writes them as Parquet for other training code; `tuneforge data inspect` reports on them.")
 
 
 def _pin_template(recipe: Recipe, run: Run, splits: Splits) -> None:
@@ -140,7 +133,7 @@ def apply_method(model, recipe: Recipe, quiet: bool = False):
         patched = gpu.apply_liger(model)
         if not quiet:
             console.print(f"liger kernels (rms_norm, swiglu, rope) applied to the {patched} model")
-    model = METHODS[recipe.method.name].prepare(model, recipe.method, recipe.task)
+    model = METHODS[recipe.method.name].prepare(model, recipe.method, recipe.model_kind)
     if recipe.train.gradient_checkpointing:
         inner = unwrap(model)
         # Non-reentrant checkpointing needs no grad-requiring input, so frozen
@@ -161,7 +154,7 @@ def shard(model, root, recipe: Recipe, device: torch.device) -> bool:
     processes run (`root` is the module whose forward computes the loss); True if sharded."""
     cfg = recipe.train.distributed
     if cfg.strategy != "ddp" and distributed.active():
-        if recipe.task == "sft" and registry.get(recipe.metric_for_best).generated:
+        if registry.get(recipe.metric_for_best).generated:
             raise ValueError(
                 f"train.metric_for_best '{recipe.metric_for_best}' needs generation during training, which "
                 f"{cfg.strategy} does not run (each rank holds a shard of the model): use loss or perplexity, "
