@@ -54,7 +54,8 @@ def test_unknown_metric_for_best_is_a_recipe_error_listing_the_choices():
 
 def test_registry_directions_and_paired_metrics():
     lower = {name for name, m in registry.METRICS.items() if not m.higher_is_better}
-    assert lower == {"ece", "loss", "perplexity", "reference_perplexity"}
+    assert lower == {"ece", "loss", "perplexity", "reference_perplexity", "kl_to_reference", "mean_response_tokens"}
+    assert registry.paired("reward") == ("pairwise_accuracy",)
     assert registry.get("ece").better(0.01, 0.2) and not registry.get("accuracy").better(0.01, 0.2)
     assert registry.paired("classifier") == ("accuracy",)
     assert registry.paired("causal_lm") == ("exact_match", "rouge_l")
