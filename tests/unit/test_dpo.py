@@ -329,7 +329,7 @@ def test_starter_template_and_shipped_recipe_validate(toy_files):
     text = resources.files("tuneforge.templates").joinpath("dpo.yaml").read_text()
     starter = load_recipe(yaml.safe_load(text), [f"data.train={toy_files['small']}"])
     assert (starter.task, starter.method.name, starter.alignment.loss_type, starter.metric_for_best) == (
-        "dpo", "lora", "sigmoid", "reward_accuracy")
+        "dpo", "lora", "sigmoid", "loss")
     hh = load_recipe(ROOT / "recipes" / "dpo-hh.yaml")  # its data file is the shared HH-RLHF set
     assert hh.model == "smollm2-135m-instruct" and hh.data.train.endswith("harmless_base_test_pcr.jsonl")
     with pytest.raises(Exception, match="loss_type"):  # broken: a loss the table does not have
