@@ -105,3 +105,16 @@ def postprocessed_audit(tmp_path: Path, val: list[dict], test: list[dict], score
     (tmp_path / "model").mkdir()
     return after_training(recipe, SimpleNamespace(path=tmp_path, manifest={}), predict,
                           Splits([], val, test, ["neg", "pos"]))
+
+
+def kill_when(proc, marker: Path, timeout: float = 240) -> None:
+    """SIGKILL `proc` as soon as `marker` exists (a checkpoint's completion file); fails if it finished first."""
+    import os
+    import signal
+    import time
+
+    deadline = time.time() + timeout
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.002)
+    os.kill(proc.pid, signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"

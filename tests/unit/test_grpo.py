@@ -1,11 +1,8 @@
 """Issue 14 (grpo): online RL on sampled groups, on tiny-llama."""
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -14,6 +11,8 @@ from safetensors.torch import load_file
 from tuneforge import api
 from tuneforge.recipe import load_recipe
 from tuneforge.trainers import grpo
+
+from conftest import kill_when
 
 RECIPE = """
 model: tiny-llama
@@ -110,12 +109,7 @@ def test_grpo_trains_reports_and_resumes_bit_identical(tmp_path, dates_jsonl):
     assert "mean_reward" in metrics["validation"] and (straight / "report.html").is_file()
 
     proc = subprocess.Popen(cmd + [str(killed)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    marker = killed / "checkpoints" / "step-0000004" / ".complete"
-    deadline = time.time() + 240
-    while not marker.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.002)
-    os.kill(proc.pid, signal.SIGKILL)
-    assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    kill_when(proc, killed / "checkpoints" / "step-0000004" / ".complete")
     resumed = subprocess.run(cmd + [str(killed), "--resume"], capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     a = load_file(str(straight / "model" / "adapter" / "adapter_model.safetensors"))

@@ -1,16 +1,15 @@
 """A run killed with SIGKILL and resumed ends bit-identical to an uninterrupted one."""
 
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
 from tuneforge.training.checkpoint import latest_checkpoint, prune_checkpoints
+
+from conftest import kill_when
 
 RECIPE = """
 model: tiny-llama
@@ -34,12 +33,7 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, dates_jsonl):
     subprocess.run(_cmd(recipe, straight), check=True, capture_output=True)
 
     proc = subprocess.Popen(_cmd(recipe, killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    marker = killed / "checkpoints" / "step-0000010" / ".complete"
-    deadline = time.time() + 240
-    while not marker.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.002)
-    os.kill(proc.pid, signal.SIGKILL)
-    assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    kill_when(proc, killed / "checkpoints" / "step-0000010" / ".complete")
     assert not (killed / "metrics.json").exists()
     last = latest_checkpoint(killed / "checkpoints")
     assert last is not None and int(last.name.split("-")[1]) < 60

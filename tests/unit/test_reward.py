@@ -7,9 +7,7 @@ ends bit-identical."""
 from __future__ import annotations
 
 import json
-import os
 import random
-import signal
 import socket
 import subprocess
 import sys
@@ -24,7 +22,7 @@ import torch
 
 from tuneforge import api
 
-from conftest import write_jsonl
+from conftest import kill_when, write_jsonl
 
 KEY, ADMIN = "user-key-0123456789abcdef", "admin-key-0123456789abcdef"
 WORDS = "apple river stone cloud green quiet music table window garden paper silver morning yellow".split()
@@ -383,12 +381,7 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     subprocess.run(_cmd(path, straight), check=True, capture_output=True)
     proc = subprocess.Popen(_cmd(path, killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    marker = killed / "checkpoints" / "step-0000004" / ".complete"
-    deadline = time.time() + 240
-    while not marker.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.002)
-    os.kill(proc.pid, signal.SIGKILL)
-    assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    kill_when(proc, killed / "checkpoints" / "step-0000004" / ".complete")
     last = latest_checkpoint(killed / "checkpoints")
     assert last is not None and int(last.name.split("-")[1]) < 16
     resumed = subprocess.run(_cmd(path, killed, "--resume"), capture_output=True, text=True)

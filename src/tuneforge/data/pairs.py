@@ -70,15 +70,26 @@ def render_pair(tokenizer, row: dict, max_length: int, system_prompt: Optional[s
     return RenderedPair(side(row["chosen"]), side(row["rejected"]), conversation)
 
 
+def log_pair_losses(log, name: str, total: int, truncated: int, kept: int, max_length: int) -> None:
+    """Say how many of `total` pairs were truncated, and how many dropped for want of a response token."""
+    if log is not None and truncated:
+        log(f"[yellow]{name}: {truncated} of {total} pairs truncated at max_length={max_length} "
+            "(the start of the prompt is cut first)")
+    if log is not None and kept < total:
+        log(f"[yellow]{name}: {total - kept} pairs dropped: no response token left")
+
+
+def render_kept(tokenizer, rows: list[dict], max_length: int, system_prompt: Optional[str] = None,
+                log=None, name: str = "") -> tuple[list[RenderedPair], list[dict]]:
+    """Every pair whose two sides keep a response token, with its row; says how many were truncated or dropped."""
+    rendered = [render_pair(tokenizer, r, max_length, system_prompt) for r in rows]
+    kept = [(p, r) for p, r in zip(rendered, rows) if p.chosen.n_target > 0 and p.rejected.n_target > 0]
+    log_pair_losses(log, name, len(rendered), sum(p.chosen.truncated or p.rejected.truncated for p in rendered),
+                    len(kept), max_length)
+    return [p for p, _ in kept], [r for _, r in kept]
+
+
 def render_pairs(tokenizer, rows: list[dict], max_length: int, system_prompt: Optional[str] = None,
                  log=None, name: str = "") -> list[RenderedPair]:
-    """Every pair whose two sides keep a response token; says how many were truncated or dropped."""
-    rendered = [render_pair(tokenizer, r, max_length, system_prompt) for r in rows]
-    kept = [p for p in rendered if p.chosen.n_target > 0 and p.rejected.n_target > 0]
-    truncated = sum(p.chosen.truncated or p.rejected.truncated for p in rendered)
-    if log is not None and truncated:
-        log(f"[yellow]{name}: {truncated} of {len(rendered)} pairs truncated at train.max_length={max_length} "
-            "(the start of the prompt is cut first)")
-    if log is not None and len(kept) < len(rendered):
-        log(f"[yellow]{name}: {len(rendered) - len(kept)} pairs dropped: no response token left")
-    return kept
+    """Every pair whose two sides keep a response token (render_kept without the rows)."""
+    return render_kept(tokenizer, rows, max_length, system_prompt, log, name)[0]

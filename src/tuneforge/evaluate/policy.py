@@ -35,7 +35,7 @@ import torch
 
 from tuneforge.alignment.losses import DPO_LOSSES, DpoOutput, dpo_loss
 from tuneforge.console import console
-from tuneforge.data.pairs import RenderedPair, render_final_turn, render_pair
+from tuneforge.data.pairs import RenderedPair, render_final_turn, render_kept
 from tuneforge.data.render import IGNORE, Rendered, encode_prompt
 from tuneforge.evaluate.registry import p_record
 from tuneforge.evaluate.scorers import build_scorers
@@ -77,15 +77,7 @@ class HeldOut:
 def render_split(tokenizer, rows: list[dict], max_length: int, system_prompt: Optional[str] = None,
                  name: str = "") -> tuple[list[RenderedPair], list[dict]]:
     """tuneforge.data.pairs.render_pairs keeping each kept pair's row: (pairs, rows)."""
-    rendered = [render_pair(tokenizer, r, max_length, system_prompt) for r in rows]
-    kept = [(p, r) for p, r in zip(rendered, rows) if p.chosen.n_target > 0 and p.rejected.n_target > 0]
-    truncated = sum(p.chosen.truncated or p.rejected.truncated for p in rendered)
-    if truncated:
-        console.print(f"[yellow]{name}: {truncated} of {len(rendered)} pairs truncated at train.max_length="
-                      f"{max_length} (the start of the prompt is cut first)")
-    if len(kept) < len(rendered):
-        console.print(f"[yellow]{name}: {len(rendered) - len(kept)} pairs dropped: no response token left")
-    return [p for p, _ in kept], [r for _, r in kept]
+    return render_kept(tokenizer, rows, max_length, system_prompt, console.print, name)
 
 
 def held_out(tokenizer, rows: list[dict], recipe, name: str) -> HeldOut:

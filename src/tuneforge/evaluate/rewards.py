@@ -27,7 +27,7 @@ import torch
 
 from tuneforge import catalog, kinds, safeyaml
 from tuneforge.console import console
-from tuneforge.data.pairs import prompt_messages, render_final_turn, render_pair
+from tuneforge.data.pairs import log_pair_losses, prompt_messages, render_final_turn, render_pair
 from tuneforge.data.render import Rendered
 from tuneforge.evaluate.registry import format_p, p_record
 from tuneforge.evaluate.stats import mcnemar, mean_ci
@@ -240,12 +240,7 @@ class RewardScorer:
                 out.append(EncodedPair(i, reward_input(self.tokenizer, pair.chosen),
                                        reward_input(self.tokenizer, pair.rejected), pair.chosen.n_target,
                                        pair.rejected.n_target, pair.chosen.truncated or pair.rejected.truncated))
-        truncated = sum(p.truncated for p in out)
-        if log is not None and truncated:
-            log(f"[yellow]{name}: {truncated} of {len(rows)} pairs truncated at max_length={self.max_length} "
-                "(the start of the prompt is cut first)")
-        if log is not None and len(out) < len(rows):
-            log(f"[yellow]{name}: {len(rows) - len(out)} pairs dropped: no response token left")
+        log_pair_losses(log, name, len(rows), sum(p.truncated for p in out), len(out), self.max_length)
         return out
 
     def score_ids(self, ids: Sequence[list[int]]) -> np.ndarray:
